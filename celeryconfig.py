@@ -1,0 +1,33 @@
+"""Celery configuration of every control-plane process; values come from dbaas.settings."""
+
+import dbaas.broker  # noqa: F401  registers the embedded broker's URL scheme
+from dbaas import settings
+from dbaas.queues import queue, routes
+
+_settings = settings.get()
+
+broker_url = _settings.broker_url
+broker_connection_retry_on_startup = True
+# Publisher confirms on RabbitMQ: send_task returns only once the broker has the message.
+broker_transport_options = {"confirm_publish": True, "polling_interval": 0.05}
+
+# Guests write to the conductor queue: JSON only, never pickle.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+task_ignore_result = True
+result_backend = None
+
+# At-least-once: acknowledge after the task ran; a worker that dies hands its messages back.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 4
+worker_hijack_root_logger = True
+worker_send_task_events = True
+task_send_sent_event = False
+
+task_queues = [queue(_settings.conductor_queue), queue(_settings.taskmanager_queue)]
+task_default_queue = _settings.conductor_queue
+task_routes = routes(_settings.conductor_queue, _settings.taskmanager_queue)
+imports = ["workers.conductor.tasks"]

@@ -1,0 +1,46 @@
+"""How an instance's stored fields read as the API's ``status`` and ``operating_status``."""
+
+# Datastore statuses that mean the database answers: they end BUILD and clear a
+# missed-heartbeat fault.
+ALIVE_SERVICE_STATUSES = frozenset({"running", "healthy"})
+# fault_kind the heartbeat-expiry sweep sets; valid heartbeats clear it.
+HEARTBEAT_EXPIRED = "heartbeat_expired"
+
+TASK_STATUS_API = {
+    "BUILDING": "BUILD",
+    "REBOOTING": "REBOOT",
+    "DELETING": "SHUTDOWN",
+    "BACKING_UP": "BACKUP",
+    "RESTORING": "BUILD",
+}
+SERVICE_STATUS_API = {
+    "new": "BUILD",
+    "building": "BUILD",
+    "running": "ACTIVE",
+    "healthy": "ACTIVE",
+    "shutdown": "SHUTDOWN",
+    "crashed": "ERROR",
+    "failed to spawn": "ERROR",
+    "guestagent error": "ERROR",
+    "unknown": "ERROR",
+    "blocked": "BLOCKED",
+    "paused": "SHUTDOWN",
+    "restart required": "RESTART_REQUIRED",
+    "restarting": "REBOOT",
+    "upgrading": "UPGRADE",
+}
+
+
+def api_status(*, deleted: bool, task_status: str, service_status: str | None,
+               fault_kind: str | None) -> str:
+    if deleted:
+        return "DELETED"
+    if fault_kind:
+        return "ERROR"
+    if task_status in TASK_STATUS_API:
+        return TASK_STATUS_API[task_status]
+    return SERVICE_STATUS_API.get(service_status, "BUILD")
+
+
+def operating_status(service_status: str | None) -> str:
+    return (service_status or "").upper().replace(" ", "_")

@@ -1,0 +1,1 @@
+"""Worker roles: conductor, taskmanager, guest agent."""
