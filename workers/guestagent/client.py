@@ -1,4 +1,4 @@
-"""Sends conductor messages by name, signed with this instance's secret."""
+"""Sends conductor messages by name, signed with an instance's secret."""
 
 import time
 
@@ -12,24 +12,35 @@ from workers.guestagent.config import GuestConfig
 GUEST_AGENT_VERSION = "1.0"
 
 
+def guest_app(broker_url: str, conductor_queue: str) -> Celery:
+    """A Celery app that can only publish to the conductor: no tasks, no database."""
+    app = Celery("guestagent", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[queue(conductor_queue)],
+        task_routes={"conductor.*": {"queue": conductor_queue}},
+        broker_transport_options={"confirm_publish": True, "polling_interval": 0.05},
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+def send_signed(app: Celery, instance_id: str, secret: str, task_name: str, args: list,
+                kwargs: dict | None = None) -> None:
+    kwargs = kwargs or {}
+    header = signing.auth_header(signing.instance_principal(instance_id), secret, task_name,
+                                 args, kwargs)
+    app.send_task(task_name, args=args, kwargs=kwargs, headers={wire.AUTH_HEADER: header})
+
+
 class ConductorClient:
     def __init__(self, config: GuestConfig):
         self.config = config
-        self.principal = signing.instance_principal(config.instance_id)
-        self.app = Celery("guestagent", broker=config.broker_url, set_as_current=False)
-        self.app.conf.update(
-            task_serializer="json",
-            accept_content=["json"],
-            task_queues=[queue(config.conductor_queue)],
-            task_routes={"conductor.*": {"queue": config.conductor_queue}},
-            broker_transport_options={"confirm_publish": True, "polling_interval": 0.05},
-            broker_connection_retry_on_startup=True,
-        )
+        self.app = guest_app(config.broker_url, config.conductor_queue)
 
     def send(self, task_name: str, args: list, kwargs: dict | None = None) -> None:
-        kwargs = kwargs or {}
-        header = signing.auth_header(self.principal, self.config.secret, task_name, args, kwargs)
-        self.app.send_task(task_name, args=args, kwargs=kwargs, headers={wire.AUTH_HEADER: header})
+        send_signed(self.app, self.config.instance_id, self.config.secret, task_name, args, kwargs)
 
     def heartbeat(self, service_status: str | None = None, sent: float | None = None,
                   **payload) -> None:

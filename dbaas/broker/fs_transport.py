@@ -1,0 +1,315 @@
+"""kombu's ``filesystem://`` transport, made safe for processes sharing one directory.
+
+URL: ``dbaasfs:///absolute/path/to/broker-dir`` (see ``dbaas.broker.broker_url_for``).
+The directory is created if missing::
+
+    messages/<stamp>_<id>.<queue>.msg     ready, oldest stamp first
+    messages/.<same name>.tmp             being written; no queue's pattern matches it
+    unacked/<owner>.<message name>        claimed by a consumer, not yet acked
+    owners/<pid>-<token>.lock             locked by a consuming process for its whole life
+    control/<exchange>.exchange           kombu's binding tables (shared, as in kombu)
+    control/<queue>.autodelete            the queue's messages may be swept
+    corrupt/                              files that did not decode, set aside
+
+What differs from kombu's transport, and why:
+
+* Publishing writes a temp file and renames it into place, so a consumer never
+  reads half a message (kombu issue #1551).
+* Consuming renames the message into ``unacked/`` first: exactly one consumer
+  wins the rename, and the message stays on disk until acked. A requeue or a
+  restore-on-close renames it back; kombu would publish a copy instead.
+* The kernel releases a process's POSIX lock on its owner file when the process
+  dies, SIGKILL included. Whoever can then take the lock puts that owner's
+  unacked messages back: at-least-once delivery, like RabbitMQ. A lock rather
+  than a bare pid, so a recycled pid (containers restart at the same pids) or
+  a zombie cannot keep messages hostage.
+* Messages of auto-delete queues (Celery events, pidbox, replies) older than
+  ``transient_message_ttl`` are swept: their consumer is gone, nobody reads them.
+
+Single host, POSIX only: rename atomicity and record locks are what make it
+correct, and they do not hold across network filesystem clients. Messages are
+not fsynced: they survive any process crash, not a power loss.
+
+Transport options: ``polling_interval`` (0.1 s), ``housekeeping_interval``
+(recovery and sweep, 5 s), ``transient_message_ttl`` (300 s).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import threading
+from collections import defaultdict, deque
+from contextlib import suppress
+from pathlib import Path
+from queue import Empty
+from time import monotonic, time_ns
+from urllib.parse import unquote, urlsplit
+from uuid import uuid4
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem, virtual
+from kombu.utils.json import dumps, loads
+
+from dbaas.broker import SCHEME
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_NAME = re.compile(r"(?P<stamp>\d{20})_[0-9a-f]{32}\.(?P<queue>.+)\.msg")
+AUTODELETE = ".autodelete"
+
+_owners_guard = threading.Lock()
+_owners: dict[Path, tuple[int, str, int]] = {}  # owners dir -> (pid, owner, locked fd)
+
+
+def broker_dir(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.scheme != SCHEME or parts.netloc or parts.query or not parts.path.startswith("/"):
+        raise ValueError(f"expected {SCHEME}:///absolute/path/to/broker-dir, got {url!r}")
+    # One spelling per directory: the process owner below is keyed by it.
+    return Path(os.path.realpath(unquote(parts.path)))
+
+
+def process_owner(owners_dir: Path) -> str:
+    """This process's owner id, its lock file created and locked on first use.
+
+    One per process, not per connection: POSIX locks belong to the process, so a
+    process's second lock file would look dead to itself, and closing it would unlock.
+    """
+    with _owners_guard:
+        pid, owner, fd = _owners.get(owners_dir, (None, "", None))
+        if pid == os.getpid():
+            return owner
+        if fd is not None:
+            os.close(fd)  # inherited through fork: the lock stays with the parent
+        owner = f"{os.getpid()}-{uuid4().hex[:8]}"
+        staging = owners_dir / f".{owner}.tmp"
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        # Published under its real name only once locked: never mistaken for a dead owner's.
+        os.rename(staging, owners_dir / f"{owner}.lock")
+        _owners[owners_dir] = (os.getpid(), owner, fd)
+        return owner
+
+
+def _own_owner(owners_dir: Path) -> str | None:
+    pid, owner, _ = _owners.get(owners_dir, (None, "", None))
+    return owner if pid == os.getpid() else None
+
+
+def _lock_if_dead(lock_file: Path) -> int | None:
+    """A locked descriptor of *lock_file* if its process is gone, else None."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR)
+    except FileNotFoundError:  # just recovered by another process
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _checked(queue: str) -> str:
+    if "/" in queue:  # queue names become file names
+        raise ChannelError(f"invalid queue name {queue!r}")
+    return queue
+
+
+class Channel(filesystem.Channel):
+    def __init__(self, connection, **kwargs):
+        super().__init__(connection, **kwargs)
+        # queue -> names listed but not tried yet: listing costs more than a claim
+        self._backlogs = defaultdict(deque)
+        # Opening a channel is when a restarted consumer must see what its crashed predecessor held.
+        self.connection.housekeep_if_due()
+
+    @property
+    def control_folder(self):
+        return self.connection.control_dir
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{time_ns():020d}_{uuid4().hex}.{_checked(queue)}.msg"
+        staging = self.connection.ready_dir / f".{name}.tmp"
+        staging.write_bytes(dumps(payload).encode())
+        os.rename(staging, self.connection.ready_dir / name)
+
+    def _get(self, queue):
+        self.connection.housekeep_if_due()
+        for name in self._candidates(queue):
+            payload = self._claim(name)
+            if payload is not None:
+                return payload
+        raise Empty()
+
+    def _candidates(self, queue):
+        """Ready message names, oldest first: the cached listing, then one fresh listing."""
+        backlog = self._backlogs[queue]
+        while backlog:
+            yield backlog.popleft()
+        backlog.extend(self._ready_files(queue))
+        while backlog:
+            yield backlog.popleft()
+
+    def _ready_files(self, queue):
+        wanted = f"{queue}.msg"
+        return sorted(n for n in os.listdir(self.connection.ready_dir) if n.partition(".")[2] == wanted)
+
+    def _claim(self, name):
+        """The payload of message *name*, now ours; None if another consumer took it first."""
+        transport = self.connection
+        owned = f"{process_owner(transport.owners_dir)}.{name}"
+        try:
+            os.rename(transport.ready_dir / name, transport.unacked_dir / owned)
+        except FileNotFoundError:
+            return None
+        try:
+            payload = loads((transport.unacked_dir / owned).read_bytes())
+        except ValueError:
+            # Only a power loss (no fsync) can truncate a file; set aside so it cannot stop consumers.
+            logger.error("undecodable message %s moved to %s", name, transport.corrupt_dir)
+            transport.corrupt_dir.mkdir(exist_ok=True)
+            os.rename(transport.unacked_dir / owned, transport.corrupt_dir / name)
+            return None
+        transport.unacked_by_tag[payload["properties"]["delivery_tag"]] = owned
+        return payload
+
+    def _forget(self, delivery_tag):
+        """Delete an acked or dropped message; nothing if it was requeued already."""
+        owned = self.connection.unacked_by_tag.pop(delivery_tag, None)
+        if owned is not None:
+            os.unlink(self.connection.unacked_dir / owned)
+
+    def _restore(self, message):
+        """Requeue by renaming the claimed file back (kombu publishes a copy instead)."""
+        owned = self.connection.unacked_by_tag.pop(message.delivery_tag, None)
+        if owned is not None:
+            os.rename(self.connection.unacked_dir / owned, self.connection.ready_dir / owned.partition(".")[2])
+
+    def basic_ack(self, delivery_tag, multiple=False):
+        super().basic_ack(delivery_tag, multiple)
+        self._forget(delivery_tag)
+
+    def basic_reject(self, delivery_tag, requeue=False):
+        super().basic_reject(delivery_tag, requeue)  # a requeue goes through _restore
+        self._forget(delivery_tag)
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        if no_ack:  # nobody will ack: the file goes when the message is handed over
+            callback = self._forgetting(callback)
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+
+    def _forgetting(self, callback):
+        def forget_then_deliver(message):
+            self._forget(message.delivery_tag)
+            return callback(message)
+
+        return forget_then_deliver
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        message = super().basic_get(queue, no_ack, **kwargs)
+        if message is not None and no_ack:
+            self._forget(message.delivery_tag)
+        return message
+
+    def _new_queue(self, queue, auto_delete=False, **kwargs):
+        if auto_delete:  # tells every process's sweep that these messages are disposable
+            (self.control_folder / f"{_checked(queue)}{AUTODELETE}").touch()
+
+    def _delete(self, queue, *args, **kwargs):
+        super()._delete(queue, *args, **kwargs)
+        (self.control_folder / f"{queue}{AUTODELETE}").unlink(missing_ok=True)
+
+    def _size(self, queue):
+        return len(self._ready_files(queue))
+
+    def _purge(self, queue):
+        purged = 0
+        for name in self._ready_files(queue):
+            with suppress(FileNotFoundError):
+                os.unlink(self.connection.ready_dir / name)
+                purged += 1
+        return purged
+
+
+class Transport(filesystem.Transport):
+    Channel = Channel
+    driver_type = driver_name = SCHEME
+    # The URL is a path: kombu's host/virtual-host split would mangle it.
+    can_parse_url = True
+    # An idle poll is one listdir per queue; kombu's 1 s would make every Celery control reply slow.
+    polling_interval = 0.1
+
+    # Exchanges and bindings are declared per process but used by all its connections
+    # (kombu's global_state), kept apart per broker directory.
+    _states: dict[Path, virtual.BrokerState] = {}
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        self.root = broker_dir(client.hostname)
+        self.state = self._states.setdefault(self.root, virtual.BrokerState())
+        self.ready_dir = self.root / "messages"
+        self.unacked_dir = self.root / "unacked"
+        self.owners_dir = self.root / "owners"
+        self.control_dir = self.root / "control"
+        self.corrupt_dir = self.root / "corrupt"
+        for folder in (self.ready_dir, self.unacked_dir, self.owners_dir, self.control_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        options = client.transport_options
+        self.housekeeping_interval = options.get("housekeeping_interval", 5.0)
+        self.transient_message_ttl = options.get("transient_message_ttl", 300.0)
+        # delivery tag -> claimed file, for all channels: kombu may requeue through another channel
+        self.unacked_by_tag = {}
+        self._next_housekeeping = 0.0
+
+    def as_uri(self, uri, include_password=False, mask="**"):
+        return uri
+
+    def housekeep_if_due(self):
+        now = monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + self.housekeeping_interval
+            self.recover_orphans()
+            self.sweep()
+
+    def recover_orphans(self):
+        """Put the unacked messages of dead processes back into their queues."""
+        own = _own_owner(self.owners_dir)
+        dead = {}
+        for lock_name in os.listdir(self.owners_dir):
+            owner, ext = os.path.splitext(lock_name)
+            if ext == ".lock" and owner != own:
+                fd = _lock_if_dead(self.owners_dir / lock_name)
+                if fd is not None:
+                    dead[owner] = fd
+        if not dead:
+            return
+        # Listed only now that the owners are known dead: they cannot claim more.
+        recovered = 0
+        for owned in os.listdir(self.unacked_dir):
+            owner, _, name = owned.partition(".")
+            if owner in dead:
+                with suppress(FileNotFoundError):
+                    os.rename(self.unacked_dir / owned, self.ready_dir / name)
+                    recovered += 1
+        for owner, fd in dead.items():
+            with suppress(FileNotFoundError):
+                os.unlink(self.owners_dir / f"{owner}.lock")
+            os.close(fd)
+        if recovered:
+            logger.warning("requeued %d unacked message(s) of dead consumer(s) %s", recovered, ", ".join(dead))
+
+    def sweep(self):
+        """Delete stale messages of auto-delete queues (their consumer is gone), and
+        stale temp files (their producer died mid-write). Other queues are never swept."""
+        disposable = {n[: -len(AUTODELETE)] for n in os.listdir(self.control_dir) if n.endswith(AUTODELETE)}
+        cutoff = time_ns() - int(self.transient_message_ttl * 1e9)
+        for name in os.listdir(self.ready_dir):
+            temp = name.startswith(".") and name.endswith(".tmp")
+            match = MESSAGE_NAME.fullmatch(name[1:-4] if temp else name)
+            if match and int(match["stamp"]) < cutoff and (temp or match["queue"] in disposable):
+                with suppress(FileNotFoundError):
+                    os.unlink(self.ready_dir / name)
