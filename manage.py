@@ -30,14 +30,16 @@ def guest_config_path(instance_id: str) -> str:
 
 
 def instance_create(args) -> int:
+    config = settings.get()
+    # The guest config is written before the instance commits: an instance whose
+    # secret nobody received must not exist.
     with db.session_scope() as session:
         instance, secret = instances.create_instance(session, args.name, datastore=args.datastore)
         view = instances.instance_view(instance)
-    config = settings.get()
-    path = args.config_out or guest_config_path(view["id"])
-    guest_config.write(path, guest_config.GuestConfig(
-        instance_id=view["id"], secret=secret, broker_url=config.broker_url,
-        conductor_queue=config.conductor_queue))
+        path = args.config_out or guest_config_path(view["id"])
+        guest_config.write(path, guest_config.GuestConfig(
+            instance_id=view["id"], secret=secret, broker_url=config.broker_url,
+            conductor_queue=config.conductor_queue))
     view["guest_config"] = path
     print_views([view], args.json, single=True)
     return 0
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return args.handler(args)
-    except instances.InvalidRequest as exc:
+    except (instances.InvalidRequest, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except SQLAlchemyError as exc:

@@ -52,11 +52,23 @@ def _service_key(var_dir: Path, env: dict) -> str:
         return configured
     path = var_dir / "service.key"
     if not path.exists():
+        # Several processes may start at once on a fresh var/: each writes a whole key
+        # aside and links it into place; exactly one link wins, nobody reads half a key.
         var_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        candidate = var_dir / f".service.key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
-    return path.read_text().strip()
+        try:
+            os.link(candidate, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(candidate)
+    key = path.read_text().strip()
+    if not key:
+        raise RuntimeError(f"{path} is empty: remove it or set DBAAS_SERVICE_KEY")
+    return key
 
 
 def load(env: dict | None = None) -> Settings:

@@ -1,6 +1,9 @@
 """Message authentication: dbaas.signing and workers.conductor.auth."""
 
 import json
+import stat
+import sys
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -8,7 +11,7 @@ from datetime import datetime
 import pytest
 from kombu.utils import json as kombu_json
 
-from dbaas import db, instances, signing, wire
+from dbaas import db, instances, settings, signing, wire
 from dbaas.models import GuestCredential, Instance
 from tests.conftest import configure
 from workers.conductor import auth
@@ -76,9 +79,12 @@ def test_own_credentials_for_another_instance_id_are_refused(service_settings):
         refused(task, args, {}, guest_header(A, task, args), match="does not match")
 
 
-def test_instance_id_only_as_keyword_is_refused(service_settings):
-    kwargs = {"instance_id": A, "payload": {}, "sent": time.time()}
-    refused(wire.HEARTBEAT_TASK, [], kwargs, guest_header(A, wire.HEARTBEAT_TASK, [], kwargs),
+def test_instance_id_as_keyword_is_bound_to_the_sender(service_settings):
+    own = {"instance_id": A, "payload": {}, "sent": time.time()}
+    assert authenticate(wire.HEARTBEAT_TASK, [], own,
+                        guest_header(A, wire.HEARTBEAT_TASK, [], own)).instance_id == A
+    other = {**own, "instance_id": B}
+    refused(wire.HEARTBEAT_TASK, [], other, guest_header(A, wire.HEARTBEAT_TASK, [], other),
             match="does not match")
 
 
@@ -135,8 +141,6 @@ def test_non_json_arguments_are_refused(service_settings):
     refused(wire.HEARTBEAT_TASK, [A, {}, object()], {}, header, match="not canonical")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: args decoded as a JSON object make auth.authenticate "
-                                       "raise KeyError (args[0]) instead of MessageRejected")
 def test_arguments_that_are_a_mapping_are_refused(service_settings):
     args = {"instance_id": A}
     header = guest_header(A, wire.HEARTBEAT_TASK, list(args))  # the canonical form lists the keys
@@ -295,3 +299,46 @@ def test_service_key_from_settings_authenticates_crud(control_plane):
     args, kwargs = [A], {"task_status": "NONE"}
     header = signing.auth_header(signing.SERVICE_PRINCIPAL, control_plane.service_key, CRUD_TASK, args, kwargs)
     assert authenticate_one(CRUD_TASK, args, kwargs, header) is auth.SERVICE
+
+
+# --- the generated service key (embedded setup, no DBAAS_SERVICE_KEY) ----------------------
+
+def load_key(var_dir) -> str | Exception:
+    try:
+        return settings.load({"DBAAS_VAR_DIR": str(var_dir)}).service_key
+    except Exception as exc:  # refusing to start is an acceptable answer, an empty key is not
+        return exc
+
+
+def test_generated_service_key_is_private_and_stable(tmp_path):
+    key = load_key(tmp_path)
+    assert isinstance(key, str) and len(key) == 64
+    assert stat.S_IMODE((tmp_path / "service.key").stat().st_mode) == 0o600
+    assert load_key(tmp_path) == key
+    assert settings.load({"DBAAS_VAR_DIR": str(tmp_path), "DBAAS_SERVICE_KEY": "configured"}).service_key == "configured"
+
+
+def test_a_key_file_still_being_written_is_never_an_empty_key(tmp_path):
+    (tmp_path / "service.key").write_text("")  # what a reader sees between O_EXCL create and write
+    assert load_key(tmp_path) != ""
+
+
+def test_processes_starting_together_agree_on_one_service_key(tmp_path):
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # make the threads interleave as separate processes would
+    try:
+        for attempt in range(30):
+            var_dir = tmp_path / str(attempt)
+            barrier, keys = threading.Barrier(8), []
+
+            def start():
+                barrier.wait(timeout=10)
+                keys.append(load_key(var_dir))
+            threads = [threading.Thread(target=start) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+            assert len(set(map(repr, keys))) == 1 and isinstance(keys[0], str) and keys[0], keys
+    finally:
+        sys.setswitchinterval(interval)

@@ -271,9 +271,6 @@ def test_revoked_guest_is_refused(guest):
     assert row(guest.instance_id).last_heartbeat is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a signed heartbeat whose service_status is a list makes "
-                                       "handle_heartbeats raise TypeError for the whole batch "
-                                       "instead of refusing that one message")
 def test_malformed_status_type_is_refused_alone(control_plane):
     good, bad = new_guest("good"), new_guest("bad")
     sent = time.time()

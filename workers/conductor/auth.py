@@ -87,6 +87,8 @@ def authenticate(task_name: str, args, kwargs, header, instance_secrets: dict[st
     """
     claimed = claimed_instance(header)
     _principal, digest = signing.parse_header(header)
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise MessageRejected("arguments are not a list and a mapping")
     if claimed is None:
         key, principal = settings.get().service_key, SERVICE
     else:
@@ -100,7 +102,8 @@ def authenticate(task_name: str, args, kwargs, header, instance_secrets: dict[st
     if task_name in wire.GUEST_TASKS:
         if principal.is_service:
             raise MessageRejected(f"{task_name} is sent by guests only")
-        if not args or args[0] != principal.instance_id:
+        instance_id = args[0] if args else kwargs.get("instance_id")
+        if instance_id != principal.instance_id:
             raise MessageRejected("instance_id does not match the sender's credentials")
     elif not principal.is_service:
         raise MessageRejected(f"instance credentials may not call {task_name}")

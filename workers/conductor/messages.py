@@ -64,14 +64,26 @@ def object_id(value, what: str) -> str:
     raise MessageRejected(f"{what} is not an id")
 
 
+def finite_number(value) -> float | None:
+    """The value as a float, or None unless it is a finite JSON number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
+
+
 def sent_time(value, now: float, max_skew: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    value = finite_number(value)
+    if value is None:
         raise MessageRejected("sent must be a number of epoch seconds")
     if value <= 0:
         raise MessageRejected("sent must be positive")
     if value > now + max_skew:
         raise MessageRejected(f"sent is {value - now:.0f}s ahead of the conductor's clock")
-    return float(value)
+    return value
 
 
 def parse_heartbeat(args, kwargs, now: float, max_skew: float) -> Heartbeat:
@@ -82,7 +94,7 @@ def parse_heartbeat(args, kwargs, now: float, max_skew: float) -> Heartbeat:
     if not isinstance(payload, dict):
         raise MessageRejected("payload must be a mapping")
     status = payload.get("service_status")
-    if status is not None and status not in wire.SERVICE_STATUSES:
+    if status is not None and not (isinstance(status, str) and status in wire.SERVICE_STATUSES):
         raise MessageRejected(f"unknown service_status {str(status)[:64]!r}")
     version = payload.get("guest_agent_version")
     if version is not None and not (isinstance(version, str) and len(version) <= 64):
@@ -115,14 +127,14 @@ def parse_backup_update(args, kwargs, now: float, max_skew: float) -> BackupUpda
 
 def _backup_field(name: str, value):
     if name == "state":
-        if value not in wire.BACKUP_STATE_RANK:
+        if not (isinstance(value, str) and value in wire.BACKUP_STATE_RANK):
             raise MessageRejected(f"unknown backup state {str(value)[:32]!r}")
         return value
     if name == "size":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value < 0:
+        size = finite_number(value)
+        if size is None or size < 0:
             raise MessageRejected("size must be a non-negative number")
-        return float(value)
+        return size
     if value is not None and not (isinstance(value, str) and len(value) <= STRING_LIMITS[name]):
         raise MessageRejected(f"{name} must be a string of at most {STRING_LIMITS[name]} characters")
     return value
