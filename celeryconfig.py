@@ -31,3 +31,9 @@ task_queues = [queue(_settings.conductor_queue), queue(_settings.taskmanager_que
 task_default_queue = _settings.conductor_queue
 task_routes = routes(_settings.conductor_queue, _settings.taskmanager_queue)
 imports = ["workers.conductor.tasks"]
+
+# Exactly one `celery -A dbaas beat`; the sweep is idempotent, so a second one is harmless.
+beat_schedule = {
+    "timeout-sweep": {"task": "conductor.sweep", "schedule": _settings.sweep_interval},
+}
+beat_schedule_filename = f"{_settings.var_dir}/celerybeat-schedule"

@@ -39,7 +39,10 @@ def instance_create(args) -> int:
         path = args.config_out or guest_config_path(view["id"])
         guest_config.write(path, guest_config.GuestConfig(
             instance_id=view["id"], secret=secret, broker_url=config.broker_url,
-            conductor_queue=config.conductor_queue))
+            conductor_queue=config.conductor_queue, datastore=view["datastore"],
+            data_dir=os.path.join(os.path.dirname(path), "data"),
+            backup_root=os.path.join(config.var_dir, "backups"),
+            heartbeat_interval=config.guest_heartbeat_interval))
     view["guest_config"] = path
     print_views([view], args.json, single=True)
     return 0

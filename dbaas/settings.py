@@ -35,6 +35,11 @@ class Settings:
     # message goes back to the queue.
     db_retry_seconds: float
     credential_cache_seconds: float
+    # Guests beat every guest_heartbeat_interval; beat sweeps every sweep_interval; an
+    # ACTIVE instance silent for agent_heartbeat_expiry turns ERROR: with the defaults a
+    # dead guest shows within about a minute.
+    guest_heartbeat_interval: float
+    sweep_interval: float
     agent_heartbeat_expiry: float
     usage_timeout: float
     backup_timeout: float
@@ -74,6 +79,7 @@ def _service_key(var_dir: Path, env: dict) -> str:
 def load(env: dict | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     var_dir = Path(_env_default("DBAAS_VAR_DIR", str(PROJECT_ROOT / "var"), env)).resolve()
+    var_dir.mkdir(parents=True, exist_ok=True)
     raw = {
         "var_dir": str(var_dir),
         "database_url": _env_default("DBAAS_DATABASE_URL", f"sqlite:///{var_dir / 'dbaas.sqlite3'}", env),
@@ -86,6 +92,8 @@ def load(env: dict | None = None) -> Settings:
         "max_clock_skew": _env_default("DBAAS_MAX_CLOCK_SKEW", "300", env),
         "db_retry_seconds": _env_default("DBAAS_DB_RETRY_SECONDS", "300", env),
         "credential_cache_seconds": _env_default("DBAAS_CREDENTIAL_CACHE_SECONDS", "10", env),
+        "guest_heartbeat_interval": _env_default("DBAAS_GUEST_HEARTBEAT_INTERVAL", "10", env),
+        "sweep_interval": _env_default("DBAAS_SWEEP_INTERVAL", "10", env),
         "agent_heartbeat_expiry": _env_default("DBAAS_AGENT_HEARTBEAT_EXPIRY", "45", env),
         "usage_timeout": _env_default("DBAAS_USAGE_TIMEOUT", "1800", env),
         "backup_timeout": _env_default("DBAAS_BACKUP_TIMEOUT", "3600", env),

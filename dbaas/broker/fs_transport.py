@@ -86,7 +86,7 @@ def process_owner(owners_dir: Path) -> str:
             os.close(fd)  # inherited through fork: the lock stays with the parent
         owner = f"{os.getpid()}-{uuid4().hex[:8]}"
         staging = owners_dir / f".{owner}.tmp"
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.lockf(fd, fcntl.LOCK_EX)
         # Published under its real name only once locked: never mistaken for a dead owner's.
         os.rename(staging, owners_dir / f"{owner}.lock")
@@ -102,11 +102,14 @@ def _own_owner(owners_dir: Path) -> str | None:
 def _lock_if_dead(lock_file: Path) -> int | None:
     """A locked descriptor of *lock_file* if its process is gone, else None."""
     try:
-        fd = os.open(lock_file, os.O_RDWR)
+        fd = os.open(lock_file, os.O_RDONLY)
     except FileNotFoundError:  # just recovered by another process
         return None
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A shared lock needs only read access (consumers may run as other users); it is
+        # refused while the owner lives. Two recoverers may both get it: every rename
+        # they race on succeeds for one of them only.
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         return None
@@ -177,7 +180,7 @@ class Channel(filesystem.Channel):
         transport.unacked_by_tag[payload["properties"]["delivery_tag"]] = owned
         return payload
 
-    def _forget(self, delivery_tag):
+    def _discard(self, delivery_tag):
         """Delete an acked or dropped message; nothing if it was requeued already."""
         owned = self.connection.unacked_by_tag.pop(delivery_tag, None)
         if owned is not None:
@@ -191,28 +194,29 @@ class Channel(filesystem.Channel):
 
     def basic_ack(self, delivery_tag, multiple=False):
         super().basic_ack(delivery_tag, multiple)
-        self._forget(delivery_tag)
+        self._discard(delivery_tag)
 
     def basic_reject(self, delivery_tag, requeue=False):
-        super().basic_reject(delivery_tag, requeue)  # a requeue goes through _restore
-        self._forget(delivery_tag)
+        # With requeue, kombu calls _restore, which renames the file back: nothing left to discard.
+        super().basic_reject(delivery_tag, requeue)
+        self._discard(delivery_tag)
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         if no_ack:  # nobody will ack: the file goes when the message is handed over
-            callback = self._forgetting(callback)
+            callback = self._discarding_on_delivery(callback)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
-    def _forgetting(self, callback):
-        def forget_then_deliver(message):
-            self._forget(message.delivery_tag)
+    def _discarding_on_delivery(self, callback):
+        def discard_then_deliver(message):
+            self._discard(message.delivery_tag)
             return callback(message)
 
-        return forget_then_deliver
+        return discard_then_deliver
 
     def basic_get(self, queue, no_ack=False, **kwargs):
         message = super().basic_get(queue, no_ack, **kwargs)
         if message is not None and no_ack:
-            self._forget(message.delivery_tag)
+            self._discard(message.delivery_tag)
         return message
 
     def _new_queue(self, queue, auto_delete=False, **kwargs):

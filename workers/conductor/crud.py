@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 from sqlalchemy.orm import Session
 
 from dbaas import wire
-from dbaas.models import Backup, Instance
+from dbaas.models import Backup, GuestCredential, Instance
 from workers.conductor.messages import MessageRejected
 
 
@@ -77,3 +77,34 @@ def backup_create(session: Session, backup_id: str, instance_id: str, name: str,
         raise MessageRejected(f"instance {instance_id} does not exist")
     session.add(Backup(id=backup_id, instance_id=instance_id, tenant_id=instance.tenant_id,
                        name=name, description=description))
+
+
+def instance_delete(session: Session, instance_id: str, now: datetime) -> None:
+    """Idempotent: marks the instance and its backups deleted and revokes the guest's key."""
+    instance = session.get(Instance, instance_id)
+    if instance is None:
+        raise MessageRejected(f"instance {instance_id} does not exist")
+    if instance.deleted:
+        return
+    instance.deleted, instance.deleted_at, instance.task_status = True, now, "NONE"
+    credential = session.get(GuestCredential, instance_id)
+    if credential is not None and credential.revoked_at is None:
+        credential.revoked_at = now
+
+
+def backup_delete(session: Session, backup_id: str, now: datetime) -> None:
+    backup = session.get(Backup, backup_id)
+    if backup is None:
+        raise MessageRejected(f"backup {backup_id} does not exist")
+    if not backup.deleted:
+        backup.deleted, backup.deleted_at = True, now
+
+
+def backup_fail(session: Session, backup_id: str, reason: str, now: datetime) -> None:
+    """The control plane gives up on a backup (its guest cannot be reached); final states
+    stay as they are."""
+    backup = session.get(Backup, backup_id)
+    if backup is None:
+        raise MessageRejected(f"backup {backup_id} does not exist")
+    if backup.state not in wire.FINAL_BACKUP_STATES:
+        backup.state, backup.fail_reason, backup.updated = "FAILED", str(reason)[:2000], now

@@ -1,9 +1,10 @@
 """Every task the conductor serves, by its public name. Bodies only hand over to the
 modules that hold the logic."""
 
-from dbaas import wire
+from dbaas import settings, wire
 from dbaas.celery import app
-from workers.conductor import backups, crud, heartbeats
+from dbaas.models import utcnow
+from workers.conductor import backups, crud, heartbeats, sweeps
 from workers.conductor.auth import Principal
 from workers.conductor.batching import BatchedTask
 from workers.conductor.task_base import ConductorTask
@@ -28,3 +29,26 @@ def instance_update(session, principal: Principal, instance_id: str, **fields):
 def backup_create(session, principal: Principal, backup_id: str, instance_id: str, name: str,
                   description: str | None = None):
     crud.backup_create(session, backup_id, instance_id, name, description)
+
+
+@app.task(name="conductor.sweep", base=ConductorTask)
+def sweep(session, principal: Principal):
+    config = settings.get()
+    return sweeps.sweep(session, utcnow(), usage_timeout=config.usage_timeout,
+                        agent_heartbeat_expiry=config.agent_heartbeat_expiry,
+                        backup_timeout=config.backup_timeout)
+
+
+@app.task(name="conductor.instance_delete", base=ConductorTask)
+def instance_delete(session, principal: Principal, instance_id: str):
+    crud.instance_delete(session, instance_id, utcnow())
+
+
+@app.task(name="conductor.backup_delete", base=ConductorTask)
+def backup_delete(session, principal: Principal, backup_id: str):
+    crud.backup_delete(session, backup_id, utcnow())
+
+
+@app.task(name="conductor.backup_fail", base=ConductorTask)
+def backup_fail(session, principal: Principal, backup_id: str, reason: str):
+    crud.backup_fail(session, backup_id, reason, utcnow())

@@ -11,6 +11,11 @@ class GuestConfig:
     secret: str
     broker_url: str
     conductor_queue: str = "trove-conductor"
+    datastore: str = "sqlite"
+    # Where the datastore keeps its files and where backups are stored (local storage).
+    data_dir: str = ""
+    backup_root: str = ""
+    heartbeat_interval: float = 10.0
 
 
 def write(path: str, config: GuestConfig) -> None:

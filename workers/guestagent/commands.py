@@ -1,0 +1,55 @@
+"""Commands from the taskmanager to one guest agent: the wire format, both directions.
+
+Each guest consumes its own durable queue ``guestagent.<instance id>`` bound to the direct
+exchange ``guestagent`` with the instance id as routing key. A command is a JSON body
+``{"command": NAME, "args": {...}}`` whose ``dbaas_auth`` header is an HMAC (dbaas.signing)
+over ``guest.<NAME>`` and the args, keyed with that instance's own secret: only the control
+plane and the guest know it, so no other tenant's guest can command this one.
+
+Commands: prepare {port?, restore_location?}, restart {}, backup {backup_id}, stop {}.
+"""
+
+from kombu import Connection, Exchange, Producer, Queue
+
+import dbaas.broker  # noqa: F401  registers the embedded broker's URL scheme
+from dbaas import signing, wire
+
+EXCHANGE = Exchange("guestagent", type="direct", durable=True)
+COMMANDS = frozenset({"prepare", "restart", "backup", "stop"})
+
+
+class CommandRefused(Exception):
+    """Not a command this guest may carry out."""
+
+
+def command_queue(instance_id: str) -> Queue:
+    return Queue(f"guestagent.{instance_id}", EXCHANGE, routing_key=instance_id, durable=True)
+
+
+def send_command(broker_url: str, instance_id: str, secret: str, command: str, args: dict) -> None:
+    """Publish one command (declaring the guest's queue, so it waits for a guest that is
+    still starting)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown guest command {command!r}")
+    header = signing.auth_header(signing.SERVICE_PRINCIPAL, secret, f"guest.{command}", [], args)
+    with Connection(broker_url, transport_options={"confirm_publish": True}) as connection:
+        producer = Producer(connection.default_channel)
+        producer.publish({"command": command, "args": args}, exchange=EXCHANGE,
+                         routing_key=instance_id, declare=[command_queue(instance_id)],
+                         serializer="json", headers={wire.AUTH_HEADER: header}, retry=True)
+
+
+def verify_command(secret: str, body, headers) -> tuple[str, dict]:
+    """(command, args) of an authentic command, or CommandRefused saying why."""
+    if not isinstance(body, dict) or body.get("command") not in COMMANDS \
+            or not isinstance(body.get("args"), dict):
+        raise CommandRefused("malformed command")
+    command, args = body["command"], body["args"]
+    try:
+        principal, digest = signing.parse_header((headers or {}).get(wire.AUTH_HEADER))
+        if principal != signing.SERVICE_PRINCIPAL:
+            raise signing.AuthError("not from the control plane")
+        signing.verify(secret, digest, f"guest.{command}", [], args)
+    except signing.AuthError as exc:
+        raise CommandRefused(f"unauthenticated command: {exc}") from None
+    return command, args
