@@ -10,6 +10,8 @@ import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from dbaas.broker import broker_url_for
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,7 +85,7 @@ def load(env: dict | None = None) -> Settings:
     raw = {
         "var_dir": str(var_dir),
         "database_url": _env_default("DBAAS_DATABASE_URL", f"sqlite:///{var_dir / 'dbaas.sqlite3'}", env),
-        "broker_url": _env_default("DBAAS_BROKER_URL", f"dbaasfs://{var_dir / 'broker'}", env),
+        "broker_url": _env_default("DBAAS_BROKER_URL", broker_url_for(str(var_dir / "broker")), env),
         "conductor_queue": _env_default("DBAAS_CONDUCTOR_QUEUE", "trove-conductor", env),
         "taskmanager_queue": _env_default("DBAAS_TASKMANAGER_QUEUE", "trove-taskmanager", env),
         "heartbeat_batch_size": _env_default("DBAAS_HEARTBEAT_BATCH_SIZE", "200", env),
