@@ -254,9 +254,8 @@ def test_guest_command_line_reports_heartbeat_and_backup(stack):
         worker.stop()
 
 
+@pytest.mark.parametrize("stack", ["rabbitmq-postgresql"], indirect=True)
 def test_database_outage_means_retries_not_loss(stack):
-    if stack.postgres is None:
-        pytest.skip("outage is simulated on PostgreSQL")
     secrets = make_instances(50)
     backup_id = make_backup(next(iter(secrets)))
     worker = stack.worker().start()

@@ -1,0 +1,95 @@
+"""Timeout sweeps as plain functions on SQLite and PostgreSQL."""
+
+import time
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from dbaas import db
+from dbaas.instances import create_instance, instance_view
+from dbaas.models import Backup, Instance, Watermark, utcnow
+from workers.conductor import sweeps
+from workers.conductor.heartbeats import apply_heartbeats
+from workers.conductor.messages import Heartbeat
+
+TIMEOUTS = {"usage_timeout": 60, "agent_heartbeat_expiry": 30, "backup_timeout": 120}
+
+
+def new_instance(age_seconds: float = 0, **fields) -> str:
+    with db.session_scope() as session:
+        instance, _secret = create_instance(session, "db")
+        instance.created = utcnow() - timedelta(seconds=age_seconds)
+        for name, value in fields.items():
+            setattr(instance, name, value)
+        return instance.id
+
+
+def run_sweep(now=None) -> dict:
+    return db.run_transaction(lambda s: sweeps.sweep(s, now or utcnow(), **TIMEOUTS))
+
+
+def view(instance_id: str) -> dict:
+    with db.session_scope() as session:
+        return instance_view(session.get(Instance, instance_id))
+
+
+def beat(instance_id: str, status: str = "running") -> None:
+    db.run_transaction(lambda s: apply_heartbeats(
+        s, [Heartbeat(instance_id, time.time(), status, None)], utcnow()))
+
+
+def test_build_timeout_turns_error_once(control_plane):
+    stuck, young = new_instance(age_seconds=61), new_instance(age_seconds=10)
+    assert run_sweep()["build_timeouts"] == 1
+    assert view(stuck)["status"] == "ERROR" and "60s" in view(stuck)["fault"]["message"]
+    assert view(young)["status"] == "BUILD"
+    assert run_sweep()["build_timeouts"] == 0  # a duplicated tick changes nothing
+
+
+def test_silent_active_instance_turns_error_and_recovers_on_heartbeat(control_plane):
+    instance_id = new_instance()
+    beat(instance_id)
+    assert view(instance_id)["status"] == "ACTIVE"
+    assert run_sweep()["heartbeat_expiries"] == 0
+    later = utcnow() + timedelta(seconds=31)
+    assert run_sweep(later)["heartbeat_expiries"] == 1
+    assert view(instance_id)["status"] == "ERROR"
+    assert view(instance_id)["fault"]["kind"] == "heartbeat_expired"
+    assert run_sweep(later)["heartbeat_expiries"] == 0
+    beat(instance_id)
+    assert view(instance_id)["status"] == "ACTIVE" and view(instance_id)["fault"] is None
+
+
+def test_building_instance_is_not_expired_by_the_heartbeat_sweep(control_plane):
+    instance_id = new_instance(last_heartbeat=utcnow() - timedelta(seconds=300))
+    assert run_sweep()["heartbeat_expiries"] == 0
+    assert view(instance_id)["status"] == "BUILD"
+
+
+def test_stale_backups_fail_and_stay_failed(control_plane):
+    instance_id = new_instance()
+    with db.session_scope() as session:
+        old = Backup(instance_id=instance_id, name="old", state="BUILDING",
+                     created=utcnow() - timedelta(seconds=121))
+        done = Backup(instance_id=instance_id, name="done", state="COMPLETED",
+                      created=utcnow() - timedelta(seconds=500))
+        fresh = Backup(instance_id=instance_id, name="fresh")
+        session.add_all([old, done, fresh])
+        session.flush()
+        ids = old.id, done.id, fresh.id
+    assert run_sweep()["backup_timeouts"] == 1
+    with db.session_scope() as session:
+        states = [session.get(Backup, i).state for i in ids]
+    assert states == ["FAILED", "COMPLETED", "NEW"]
+    assert run_sweep()["backup_timeouts"] == 0
+
+
+def test_watermarks_of_deleted_instances_are_removed(control_plane):
+    gone, kept = new_instance(), new_instance()
+    beat(gone)
+    beat(kept)
+    with db.session_scope() as session:
+        session.get(Instance, gone).deleted = True
+    assert run_sweep()["watermarks_removed"] == 1
+    with db.session_scope() as session:
+        assert set(session.scalars(select(Watermark.key))) == {kept}
