@@ -8,8 +8,8 @@ each message only after that transaction committed. A worker that dies before th
 hands its messages back to the broker. While the database is away the batch is kept and
 retried with backoff; the prefetch limit stops the buffer from growing meanwhile.
 
-Everything runs in the consumer's own thread (timers hand the flush to it through
-``consumer.call_soon``): kombu channels must not be shared between threads.
+Everything runs in the consumer's own thread: kombu channels must not be shared between
+threads.
 """
 
 import logging
@@ -84,7 +84,14 @@ class _Batcher:
 
     def _arm(self, delay: float) -> None:
         self.timer_armed = True
-        self.consumer.timer.call_after(delay, self.consumer.call_soon, (self._on_timer,))
+        if self.consumer.hub is not None:
+            # The hub's timer fires inside the consumer's loop: flush right there.
+            # (Hub.call_soon from the loop's own thread would not wake it: the batch
+            # would wait for the next message or an unrelated timer.)
+            self.consumer.timer.call_after(delay, self._on_timer)
+        else:
+            # A timer thread: hand the flush to the consumer's thread.
+            self.consumer.timer.call_after(delay, self.consumer.call_soon, (self._on_timer,))
 
     def _on_timer(self) -> None:
         self.timer_armed = False
