@@ -40,7 +40,8 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # No pre-ping: run_transaction already retries on a dropped connection.
+    return create_engine(url, pool_size=5, max_overflow=5)
 
 
 def _sqlite_on_connect(dbapi_connection, _record) -> None:

@@ -93,7 +93,7 @@ def load(env: dict | None = None) -> Settings:
         "max_message_bytes": _env_default("DBAAS_MAX_MESSAGE_BYTES", "65536", env),
         "max_clock_skew": _env_default("DBAAS_MAX_CLOCK_SKEW", "300", env),
         "db_retry_seconds": _env_default("DBAAS_DB_RETRY_SECONDS", "300", env),
-        "credential_cache_seconds": _env_default("DBAAS_CREDENTIAL_CACHE_SECONDS", "10", env),
+        "credential_cache_seconds": _env_default("DBAAS_CREDENTIAL_CACHE_SECONDS", "60", env),
         "guest_heartbeat_interval": _env_default("DBAAS_GUEST_HEARTBEAT_INTERVAL", "10", env),
         "sweep_interval": _env_default("DBAAS_SWEEP_INTERVAL", "10", env),
         "agent_heartbeat_expiry": _env_default("DBAAS_AGENT_HEARTBEAT_EXPIRY", "45", env),
