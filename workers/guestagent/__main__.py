@@ -1,13 +1,17 @@
-"""Command line of the guest agent, e.g. for an operator debugging a guest by hand:
+"""Command line of the guest agent: ``run`` is the agent itself (started by the compute
+driver); the others let an operator debug a guest by hand:
 
+    python -m workers.guestagent run --config FILE
     python -m workers.guestagent heartbeat --config FILE --status running
     python -m workers.guestagent update-backup --config FILE --backup-id ID --state COMPLETED
 """
 
 import argparse
+import logging
 import sys
 
 from dbaas import wire
+from workers.guestagent import agent
 from workers.guestagent import config as guest_config
 from workers.guestagent.client import ConductorClient
 
@@ -15,6 +19,10 @@ from workers.guestagent.client import ConductorClient
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m workers.guestagent")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the agent until told to stop")
+    run.add_argument("--config", required=True, help="the guest's configuration file")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     beat = commands.add_parser("heartbeat", help="send one heartbeat")
     beat.add_argument("--config", required=True, help="the guest's configuration file")
@@ -40,6 +48,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"cannot read guest config {args.config}: {exc}", file=sys.stderr)
         return 2
+    if args.command == "run":
+        logging.basicConfig(level=args.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        agent.run(config)
+        return 0
     client = ConductorClient(config)
     try:
         if args.command == "heartbeat":

@@ -1,0 +1,120 @@
+"""The datastores on their own: real SQLite files, real PostgreSQL clusters."""
+
+import sqlite3
+from contextlib import closing
+
+import pytest
+
+from workers.guestagent.datastores import datastore_for
+from workers.guestagent.datastores.postgresql import PostgresqlDatastore, free_port, stop_cluster
+
+ROWS = [(n, f"row {n}") for n in range(1, 201)]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def kind(request):
+    if request.param == "postgresql":
+        request.getfixturevalue("postgres_programs")
+    return request.param
+
+
+def execute(datastore, sql: str) -> str:
+    """Run *sql* as a client of the datastore would; the rows as psql -tA prints them."""
+    if isinstance(datastore, PostgresqlDatastore):
+        return datastore.query(sql)
+    with closing(sqlite3.connect(datastore.connection_info()["path"])) as client, client:
+        return "\n".join("|".join(map(str, row)) for row in client.execute(sql))
+
+
+def fill(datastore) -> None:
+    values = ", ".join(f"({n}, '{text}')" for n, text in ROWS)
+    execute(datastore, "create table items (n integer primary key, text varchar(20))")
+    execute(datastore, f"insert into items values {values}")
+
+
+def contents(datastore) -> str:
+    return execute(datastore, "select n, text from items order by n")
+
+
+def test_backup_restores_into_another_data_dir(kind, guest_dir):
+    original = datastore_for(kind, guest_dir / "original")
+    assert original.prepare() is True
+    assert original.probe()
+    fill(original)
+    dump = guest_dir / "dump"
+    original.backup(str(dump))
+
+    copy = datastore_for(kind, guest_dir / "copy")
+    assert copy.prepare(restore_from=str(dump)) is True
+    assert copy.probe()
+    assert contents(copy) == contents(original) != ""
+
+
+def test_prepare_again_keeps_the_data(kind, guest_dir):
+    datastore = datastore_for(kind, guest_dir / "db")
+    datastore.prepare()
+    fill(datastore)
+    before = contents(datastore)
+    again = datastore_for(kind, guest_dir / "db")  # as a restarted agent would
+    assert again.prepare() is False
+    assert contents(again) == before
+
+
+def test_an_interrupted_prepare_is_redone(kind, guest_dir):
+    datastore = datastore_for(kind, guest_dir / "db")
+    datastore.prepare()
+    fill(datastore)
+    # Crashed mid-prepare: the server (if any) still runs, and the marker says unprepared.
+    (guest_dir / "db" / "datastore.json").write_text('{"prepared": false}')
+    assert datastore.prepare() is True
+    assert datastore.probe()
+    assert execute(datastore, "select count(*) from sqlite_master" if kind == "sqlite"
+                   else "select count(*) from pg_tables where tablename = 'items'") == "0"
+
+
+def test_sqlite_probe_needs_a_database_file(guest_dir):
+    datastore = datastore_for("sqlite", guest_dir / "db")
+    assert not datastore.probe()
+    assert not (guest_dir / "db" / "db.sqlite3").exists(), "a probe must not create the file"
+    (guest_dir / "db").mkdir()
+    (guest_dir / "db" / "db.sqlite3").write_text("not a database, just text " * 100)
+    assert not datastore.probe()
+
+
+def test_sqlite_restore_refuses_a_damaged_backup(guest_dir):
+    damaged = guest_dir / "damaged"
+    damaged.write_text("not a database, just text " * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        datastore_for("sqlite", guest_dir / "db").prepare(restore_from=str(damaged))
+
+
+def test_postgresql_port_is_kept_and_a_left_server_adopted(postgres_programs, guest_dir):
+    port = free_port()
+    datastore = datastore_for("postgresql", guest_dir / "db")
+    datastore.prepare(port=port)
+    assert datastore.connection_info()["port"] == port
+    postmaster = (datastore.pgdata / "postmaster.pid").read_text().split()[0]
+
+    # A new agent (its predecessor SIGKILLed) finds the server still running: it adopts it.
+    successor = datastore_for("postgresql", guest_dir / "db")
+    successor.start()
+    assert (successor.pgdata / "postmaster.pid").read_text().split()[0] == postmaster
+    assert successor.probe()
+
+    successor.stop()
+    assert not successor.probe()
+    successor.start()
+    assert successor.connection_info()["port"] == port and successor.probe()
+
+    stop_cluster(guest_dir / "db")  # as the compute driver does when deleting the instance
+    assert not successor.probe()
+    stop_cluster(guest_dir / "db")  # nothing running: nothing to do
+
+
+def test_postgresql_without_a_port_picks_and_remembers_one(postgres_programs, guest_dir):
+    datastore = datastore_for("postgresql", guest_dir / "db")
+    datastore.prepare()
+    port = datastore.connection_info()["port"]
+    datastore.stop()
+    assert datastore_for("postgresql", guest_dir / "db").prepare(port=port + 1) is False
+    assert datastore.connection_info()["port"] == port and datastore.probe()

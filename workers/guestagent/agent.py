@@ -1,0 +1,301 @@
+"""The guest agent's runtime: carries out its instance's commands and sends heartbeats.
+
+    python -m workers.guestagent run --config FILE
+
+The main thread consumes the instance's command queue and carries out one command at a
+time, acknowledging it afterwards: an agent killed mid-command gets it again when it
+starts next. A thread of its own sends ``conductor.heartbeat`` every
+``heartbeat_interval`` seconds, so a long backup does not silence it.
+
+Statuses reported (each heartbeat, and at once on every change of phase):
+
+- nothing (a liveness-only heartbeat) before a prepare;
+- ``building`` while preparing; ``failed to spawn`` once a prepare failed (until one succeeds);
+- ``restarting`` while a restart command stops and starts the datastore;
+- ``running`` when the datastore answers a probe, ``crashed`` when it should be up and
+  does not — a real probe each heartbeat, never the agent's belief;
+- ``shutdown`` after a clean stop (the ``stop`` command, SIGTERM or SIGINT), then it exits.
+
+An agent started on a prepared data_dir starts the datastore (adopting a server its
+killed predecessor left running) and reports as above: the instance recovers.
+"""
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+from kombu import Connection
+from kombu.mixins import ConsumerMixin
+
+from dbaas.storage import BACKUP_NAME, LocalStorage
+from workers.guestagent.client import ConductorClient
+from workers.guestagent.commands import CommandRefused, command_queue, verify_command
+from workers.guestagent.config import GuestConfig
+from workers.guestagent.datastores import datastore_for
+from workers.guestagent.datastores.base import write_json
+
+log = logging.getLogger("guestagent")
+
+GB = 1024 ** 3
+SCRATCH_SUFFIX = ".scratch"
+# What a heartbeat reports in each phase without probing (None: liveness only); in
+# phase "up" it probes the datastore instead.
+PHASE_STATUS = {
+    "new": None,
+    "preparing": "building",
+    "failed": "failed to spawn",
+    "restarting": "restarting",
+    "stopped": "shutdown",
+}
+
+
+class Reporter:
+    """Signed messages to the conductor, one at a time, each ``sent`` later than the one
+    before: the conductor discards a message not newer than the last it applied for the
+    same instance or backup, and time.time() can return the same value twice."""
+
+    def __init__(self, client: ConductorClient):
+        self.client = client
+        self._lock = threading.Lock()
+        self._last_sent = 0.0
+
+    def _sent(self) -> float:
+        self._last_sent = max(time.time(), self._last_sent + 1e-6)
+        return self._last_sent
+
+    def heartbeat(self, status: str | None) -> None:
+        with self._lock:
+            try:
+                self.client.heartbeat(service_status=status, sent=self._sent())
+            except Exception:  # the broker may be away: the next heartbeat tries again
+                log.exception("heartbeat not sent")
+
+    def update_backup(self, backup_id: str, **fields) -> None:
+        with self._lock:
+            self.client.update_backup(backup_id, sent=self._sent(), **fields)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class BrokerGivenUp(Exception):
+    """Asked to stop while waiting for the broker to come back."""
+
+
+class Agent(ConsumerMixin):
+    def __init__(self, config: GuestConfig):
+        self.config = config
+        self.connection = Connection(config.broker_url)
+        self.datastore = datastore_for(config.datastore, config.data_dir)
+        self.storage = LocalStorage(config.backup_root)
+        self.reporter = Reporter(ConductorClient(config))
+        self.phase = "new"
+        # Held from a probe to its report, and around each change of phase, so that a
+        # heartbeat that probed before a change is never sent after the change's report.
+        self._phase_lock = threading.Lock()
+        self._done = threading.Event()
+        self.handlers = {"prepare": self.prepare, "restart": self.restart,
+                         "backup": self.backup, "stop": self.stop}
+
+    # --- lifetime
+
+    def serve(self) -> None:
+        """Run until a stop command or request_stop; stop the datastore on the way out."""
+        for leftover in self.datastore.data_dir.glob(f".*{SCRATCH_SUFFIX}"):
+            leftover.unlink()  # of a killed predecessor
+        if self.datastore.prepared():
+            self.start_datastore()
+        else:
+            self.enter("new")
+        beats = threading.Thread(target=self._beat_until_done, name="heartbeat", daemon=True)
+        beats.start()
+        try:
+            self.run()
+        except BrokerGivenUp:
+            pass
+        finally:
+            self._done.set()
+            beats.join(timeout=30)
+            self.shutdown_datastore()
+            self.reporter.close()
+        log.info("agent for instance %s stopped", self.config.instance_id)
+
+    def request_stop(self, signum, _frame) -> None:
+        """Signal handler: finish the command at hand, then stop."""
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        self.should_stop = True
+
+    def on_connection_error(self, exc, interval) -> None:
+        if self.should_stop:
+            raise BrokerGivenUp() from exc
+        super().on_connection_error(exc, interval)
+
+    # --- heartbeats
+
+    def enter(self, phase: str) -> None:
+        with self._phase_lock:
+            self.phase = phase
+            self._report_status()
+
+    def _beat_until_done(self) -> None:
+        while not self._done.wait(self.config.heartbeat_interval):
+            try:
+                with self._phase_lock:
+                    self._report_status()
+            except Exception:  # this thread must outlive any one failure: its silence means "dead"
+                log.exception("heartbeat failed")
+
+    def _report_status(self) -> None:
+        if self.phase == "up":
+            status = "running" if self.datastore.probe() else "crashed"
+        else:
+            status = PHASE_STATUS[self.phase]
+        self.reporter.heartbeat(status)
+
+    # --- commands
+
+    def get_consumers(self, Consumer, channel):
+        return [Consumer(queues=[command_queue(self.config.instance_id)], accept=["json"],
+                         prefetch_count=1, callbacks=[self.on_message])]
+
+    def on_message(self, body, message) -> None:
+        """Carry out one command, then acknowledge it, whatever the outcome: a refused or
+        failed command redelivered would only be refused or fail again."""
+        try:
+            command, args = verify_command(self.config.secret, body, message.headers)
+            handler = self.handlers[command]
+            try:
+                inspect.signature(handler).bind(**args)
+            except TypeError as exc:
+                raise CommandRefused(f"bad arguments for {command}: {exc}") from None
+            log.info("command %s %s", command, args)
+            started = time.monotonic()
+            handler(**args)
+            log.info("command %s done in %.2fs", command, time.monotonic() - started)
+        except CommandRefused as exc:
+            log.warning("refused a command: %s", exc)
+        except Exception:
+            log.exception("command failed")
+        message.ack()
+
+    def prepare(self, port=None, restore_location=None) -> None:
+        if port is not None and not (type(port) is int and 0 < port < 65536):
+            raise CommandRefused(f"port {port!r} is not a TCP port")
+        if restore_location is not None and not isinstance(restore_location, str):
+            raise CommandRefused("restore_location must be a string")
+        if self.datastore.prepared():
+            log.info("already prepared (a redelivered prepare): only starting it")
+            self.start_datastore()
+            return
+        self.enter("preparing")
+        started = time.monotonic()
+        try:
+            with self.scratch_file("restore") as scratch:
+                restore_from = None
+                if restore_location:
+                    self.storage.get(restore_location, str(scratch))
+                    restore_from = str(scratch)
+                self.datastore.prepare(restore_from=restore_from, port=port)
+        except Exception:
+            log.exception("prepare failed")
+            self.enter("failed")
+            return
+        log.info("prepared in %.1fs: %s", time.monotonic() - started, self.datastore.connection_info())
+        self.enter("up")
+
+    def restart(self) -> None:
+        if not self.datastore.prepared():
+            raise CommandRefused("nothing to restart: the datastore is not prepared")
+        self.enter("restarting")
+        try:
+            self.datastore.stop()
+        finally:
+            self.start_datastore()
+
+    def stop(self) -> None:
+        self.shutdown_datastore()
+        self.should_stop = True
+
+    def start_datastore(self) -> None:
+        try:
+            self.datastore.start()
+        except Exception:  # reported as crashed by the probe
+            log.exception("datastore did not start")
+        self.enter("up")
+
+    def shutdown_datastore(self) -> None:
+        if self.phase != "up":
+            return
+        try:
+            self.datastore.stop()
+        except Exception:  # not a clean stop: no "shutdown" report
+            log.exception("datastore did not stop")
+            return
+        self.enter("stopped")
+
+    # --- backups
+
+    def backup(self, backup_id) -> None:
+        """Dump, store, report. Sizes are reported in GB (a float), as Trove does."""
+        if not (isinstance(backup_id, str) and BACKUP_NAME.fullmatch(backup_id)):
+            raise CommandRefused(f"backup_id {str(backup_id)[:64]!r} is not a plain name")
+        marker = self.datastore.data_dir / "backups" / f"{backup_id}.json"
+        if marker.exists():
+            log.info("backup %s completed before (a redelivered command): reporting it again",
+                     backup_id)
+        else:
+            self.reporter.update_backup(backup_id, state="BUILDING")
+            try:
+                result = self._make_backup(backup_id)
+            except Exception as exc:
+                log.exception("backup %s failed", backup_id)
+                self.reporter.update_backup(backup_id, state="FAILED",
+                                            fail_reason=f"{type(exc).__name__}: {exc}"[:2000])
+                return
+            marker.parent.mkdir(exist_ok=True)
+            write_json(marker, result)
+        self.reporter.update_backup(backup_id, **json.loads(marker.read_text()))
+
+    def _make_backup(self, backup_id: str) -> dict:
+        if not self.datastore.prepared():
+            raise RuntimeError("the datastore is not prepared")
+        started = time.monotonic()
+        with self.scratch_file(f"backup-{backup_id}") as dump:
+            self.datastore.backup(str(dump))
+            size = dump.stat().st_size
+            with open(dump, "rb") as content:
+                checksum = hashlib.file_digest(content, "sha256").hexdigest()
+            self.reporter.update_backup(backup_id, state="SAVING")
+            location = self.storage.put(backup_id, str(dump))
+        log.info("backup %s: %d bytes in %.2fs at %s", backup_id, size,
+                 time.monotonic() - started, location)
+        return {"state": "COMPLETED", "size": size / GB, "checksum": checksum,
+                "location": location, "backup_type": self.datastore.backup_type}
+
+    @contextlib.contextmanager
+    def scratch_file(self, name: str):
+        """A path in data_dir (room for a whole database), removed afterwards. Named per
+        process: a dump of a killed predecessor may still be writing its own."""
+        self.datastore.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.datastore.data_dir / f".{name}.{os.getpid()}{SCRATCH_SUFFIX}"
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def run(config: GuestConfig) -> None:
+    if not (config.data_dir and config.backup_root):
+        raise SystemExit("the guest config must name data_dir and backup_root")
+    agent = Agent(config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, agent.request_stop)
+    log.info("agent for instance %s (%s) starting, pid %d", config.instance_id,
+             config.datastore, os.getpid())
+    agent.serve()
