@@ -1,0 +1,28 @@
+"""What the taskmanager needs from wherever guests run: processes, containers, VMs, hosts."""
+
+from abc import ABC, abstractmethod
+
+
+class SpawnError(Exception):
+    """The guest could not be started; the message says why (it becomes the instance's fault)."""
+
+
+class ComputeDriver(ABC):
+    @abstractmethod
+    def spawn(self, instance_id: str, config_path: str) -> None:
+        """Start the guest agent of ``instance_id`` with that configuration file, unless it
+        already runs: a redelivered request must not start a second guest."""
+
+    @abstractmethod
+    def is_running(self, instance_id: str) -> bool:
+        """Whether the instance's guest agent is alive."""
+
+    @abstractmethod
+    def destroy(self, instance_id: str) -> None:
+        """Stop the guest and everything it started and remove all the instance's files.
+        Idempotent: destroying what is already gone does nothing."""
+
+    @abstractmethod
+    def allocate_endpoint(self, instance_id: str) -> tuple[str, int]:
+        """(host, port) the instance's database will listen on; the same answer on every
+        call for one instance, so a redelivered create records what the first one did."""
