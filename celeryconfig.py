@@ -30,7 +30,6 @@ task_send_sent_event = False
 task_queues = [queue(_settings.conductor_queue), queue(_settings.taskmanager_queue)]
 task_default_queue = _settings.conductor_queue
 task_routes = routes(_settings.conductor_queue, _settings.taskmanager_queue)
-imports = ["workers.conductor.tasks", "workers.taskmanager.tasks"]
 
 # Exactly one `celery -A dbaas beat`; the sweep is idempotent, so a second one is harmless.
 beat_schedule = {

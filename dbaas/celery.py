@@ -3,9 +3,12 @@
 Guests never import this module: they hold no service key and no database settings.
 """
 
+import importlib
+import sys
+
 from celery import Celery, signals
 
-from dbaas import db, settings, signing, wire
+from dbaas import settings, signing, wire
 
 app = Celery("dbaas")
 app.config_from_object("celeryconfig")
@@ -19,6 +22,21 @@ def sign_as_service(sender=None, body=None, headers=None, **_):
     args, kwargs, _embed = body
     headers[wire.AUTH_HEADER] = signing.auth_header(
         signing.SERVICE_PRINCIPAL, settings.get().service_key, sender, args, kwargs)
+
+
+@signals.celeryd_init.connect
+def import_consumed_task_modules(options=None, **_):
+    """A worker imports only the task modules of the queues it consumes (all when no -Q
+    is given): a taskmanager never loads the conductor and its database layer."""
+    config = settings.get()
+    modules = {config.conductor_queue: "workers.conductor.tasks",
+               config.taskmanager_queue: "workers.taskmanager.tasks"}
+    queues = (options or {}).get("queues") or list(modules)
+    if isinstance(queues, str):
+        queues = queues.split(",")
+    for queue in queues:
+        if queue in modules:
+            importlib.import_module(modules[queue])
 
 
 @signals.celeryd_after_setup.connect
@@ -38,4 +56,5 @@ def keep_only_consumed_tasks(sender=None, instance=None, **_):
 
 @signals.worker_process_init.connect
 def dispose_inherited_engine(**_):
-    db.dispose_after_fork()
+    if "dbaas.db" in sys.modules:  # only processes that use the database have an engine
+        sys.modules["dbaas.db"].dispose_after_fork()

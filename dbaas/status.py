@@ -3,6 +3,9 @@
 # Datastore statuses that mean the database answers: they end BUILD and clear a
 # missed-heartbeat fault.
 ALIVE_SERVICE_STATUSES = frozenset({"running", "healthy"})
+# The guest says the datastore could not be brought up: ERROR at once, even during BUILD
+# (otherwise the instance would look like it is building until the build timeout).
+FAILED_SERVICE_STATUSES = frozenset({"failed to spawn"})
 # fault_kind the heartbeat-expiry sweep sets; valid heartbeats clear it.
 HEARTBEAT_EXPIRED = "heartbeat_expired"
 
@@ -35,7 +38,7 @@ def api_status(*, deleted: bool, task_status: str, service_status: str | None,
                fault_kind: str | None) -> str:
     if deleted:
         return "DELETED"
-    if fault_kind:
+    if fault_kind or service_status in FAILED_SERVICE_STATUSES:
         return "ERROR"
     if task_status in TASK_STATUS_API:
         return TASK_STATUS_API[task_status]

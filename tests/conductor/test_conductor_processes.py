@@ -79,8 +79,9 @@ def snapshot() -> list:
 
 
 def heartbeats_applied() -> int:
-    with db.session_scope() as session:
-        return session.scalar(select(func.count()).where(Instance.last_heartbeat.is_not(None)))
+    # run_transaction: the outage test cuts this process's connections too.
+    return db.run_transaction(lambda session: session.scalar(
+        select(func.count()).where(Instance.last_heartbeat.is_not(None))))
 
 
 def publish_heartbeats(broker_url: str, secrets: dict, messages: list) -> None:
@@ -277,8 +278,7 @@ def test_database_outage_means_retries_not_loss(stack):
                    message="every heartbeat after the outage")
 
         def backup_building():
-            with db.session_scope() as session:
-                return session.get(Backup, backup_id).state == "BUILDING"
+            return db.run_transaction(lambda s: s.get(Backup, backup_id).state == "BUILDING")
         wait_until(backup_building, timeout=90, message="the backup update after the outage")
     finally:
         stack.postgres.set_connections_allowed(True)

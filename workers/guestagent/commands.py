@@ -36,7 +36,9 @@ def send_command(broker_url: str, instance_id: str, secret: str, command: str, a
         producer = Producer(connection.default_channel)
         producer.publish({"command": command, "args": args}, exchange=EXCHANGE,
                          routing_key=instance_id, declare=[command_queue(instance_id)],
-                         serializer="json", headers={wire.AUTH_HEADER: header}, retry=True)
+                         serializer="json", headers={wire.AUTH_HEADER: header}, retry=True,
+                         retry_policy={"max_retries": 5, "interval_start": 0.5,
+                                       "interval_step": 1, "interval_max": 3})
 
 
 def verify_command(secret: str, body, headers) -> tuple[str, dict]:
