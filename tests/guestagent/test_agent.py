@@ -177,10 +177,14 @@ def test_guest_lifecycle(stack, datastore, guest_dir, request):  # noqa: F811  (
         # A SIGKILLed agent falls silent; its server stays up, and its successor adopts it.
         server = postmaster_pid(guest) if postgres else None
         guest.kill()
-        time.sleep(1)  # heartbeats already published are still applied
-        silent_since = instance(guest.instance_id).last_heartbeat
-        time.sleep(4 * HEARTBEAT_INTERVAL)
-        assert instance(guest.instance_id).last_heartbeat == silent_since
+
+        def silent():
+            # Heartbeats published before the kill may still be on their way: wait for a
+            # quiet spell of several heartbeat intervals.
+            before = instance(guest.instance_id).last_heartbeat
+            time.sleep(4 * HEARTBEAT_INTERVAL)
+            return instance(guest.instance_id).last_heartbeat == before and before
+        silent_since = wait_until(silent, timeout=60, interval=0, message="the heartbeats to stop")
         guest.start()
         wait_until(lambda: instance(guest.instance_id).last_heartbeat > silent_since, timeout=60,
                    interval=0.1, message="heartbeats again")

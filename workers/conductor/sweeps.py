@@ -17,31 +17,31 @@ from workers.conductor import ordering
 BUILD_TIMEOUT = "build_timeout"
 
 
-def expire_builds(session: Session, now: datetime, usage_timeout: float) -> int:
-    """Instances still BUILD after ``usage_timeout`` → ERROR."""
+def _fault(session: Session, now: datetime, kind: str, message: str, *conditions) -> int:
+    """Set a fault on live instances without one that match ``conditions``."""
     return session.execute(
         update(Instance)
-        .where(Instance.deleted.is_(False), Instance.task_status == "BUILDING",
-               Instance.fault_kind.is_(None),
-               Instance.created < now - timedelta(seconds=usage_timeout))
-        .values(fault_kind=BUILD_TIMEOUT, fault_at=now,
-                fault_message=f"no running heartbeat within {usage_timeout:.0f}s of creation")
+        .where(Instance.deleted.is_(False), Instance.fault_kind.is_(None), *conditions)
+        .values(fault_kind=kind, fault_at=now, fault_message=message)
         .execution_options(synchronize_session=False)
     ).rowcount
+
+
+def expire_builds(session: Session, now: datetime, usage_timeout: float) -> int:
+    """Instances still BUILD after ``usage_timeout`` → ERROR."""
+    return _fault(session, now, BUILD_TIMEOUT,
+                  f"no running heartbeat within {usage_timeout:.0f}s of creation",
+                  Instance.task_status == "BUILDING",
+                  Instance.created < now - timedelta(seconds=usage_timeout))
 
 
 def expire_heartbeats(session: Session, now: datetime, expiry: float) -> int:
     """ACTIVE instances whose guest went quiet → ERROR; valid heartbeats clear it."""
-    return session.execute(
-        update(Instance)
-        .where(Instance.deleted.is_(False), Instance.task_status == "NONE",
-               Instance.fault_kind.is_(None),
-               Instance.service_status.in_(ALIVE_SERVICE_STATUSES),
-               Instance.last_heartbeat < now - timedelta(seconds=expiry))
-        .values(fault_kind=HEARTBEAT_EXPIRED, fault_at=now,
-                fault_message=f"no heartbeat from the guest agent for over {expiry:.0f}s")
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    return _fault(session, now, HEARTBEAT_EXPIRED,
+                  f"no heartbeat from the guest agent for over {expiry:.0f}s",
+                  Instance.task_status == "NONE",
+                  Instance.service_status.in_(ALIVE_SERVICE_STATUSES),
+                  Instance.last_heartbeat < now - timedelta(seconds=expiry))
 
 
 def expire_backups(session: Session, now: datetime, backup_timeout: float) -> int:
