@@ -3,7 +3,6 @@
 Guests never import this module: they hold no service key and no database settings.
 """
 
-import importlib
 import sys
 
 from celery import Celery, signals
@@ -36,7 +35,9 @@ def import_consumed_task_modules(options=None, **_):
         queues = queues.split(",")
     for queue in queues:
         if queue in modules:
-            importlib.import_module(modules[queue])
+            # From the working directory, like Celery's own `imports` (the `celery`
+            # script does not put it on sys.path).
+            app.loader.import_task_module(modules[queue])
 
 
 @signals.celeryd_after_setup.connect

@@ -40,6 +40,8 @@ def test_every_procfile_process_runs_and_an_instance_becomes_active(tmp_path):
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
     env = project_env(DBAAS_VAR_DIR=str(tmp_path / "var"), DBAAS_SWEEP_INTERVAL="1", PATH=path,
                       FLOWER_PORT=str(port), FLOWER_BASIC_AUTH=credentials)
+    # As a user runs it: the `celery` script does not put the project on sys.path.
+    del env["PYTHONPATH"]
 
     def manage(*args: str) -> str:
         result = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env,
