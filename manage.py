@@ -160,8 +160,8 @@ def backup_view(backup: Backup) -> dict:
         "location": backup.location,
         "backup_type": backup.backup_type,
         "fail_reason": backup.fail_reason,
-        "created": instances._iso(backup.created),
-        "updated": instances._iso(backup.updated),
+        "created": instances.iso_utc(backup.created),
+        "updated": instances.iso_utc(backup.updated),
     }
 
 

@@ -50,7 +50,7 @@ def list_instances(session: Session) -> list[Instance]:
         select(Instance).where(Instance.deleted.is_(False)).order_by(Instance.created)))
 
 
-def _iso(moment: datetime | None) -> str | None:
+def iso_utc(moment: datetime | None) -> str | None:
     return moment.isoformat() + "Z" if moment else None
 
 
@@ -64,11 +64,11 @@ def instance_view(instance: Instance) -> dict:
         "operating_status": operating_status(instance.service_status),
         "service_status": instance.service_status,
         "task_status": instance.task_status,
-        "last_heartbeat": _iso(instance.last_heartbeat),
+        "last_heartbeat": iso_utc(instance.last_heartbeat),
         "guest_agent_version": instance.guest_agent_version,
         "fault": {"kind": instance.fault_kind, "message": instance.fault_message,
-                  "created": _iso(instance.fault_at)} if instance.fault_kind else None,
+                  "created": iso_utc(instance.fault_at)} if instance.fault_kind else None,
         "host": instance.host,
         "port": instance.port,
-        "created": _iso(instance.created),
+        "created": iso_utc(instance.created),
     }

@@ -58,6 +58,15 @@ def parse_header(header) -> tuple[str, str]:
     return principal, digest
 
 
+def verify_service(key: str, header, task_name: str, args, kwargs, *, callee: str) -> None:
+    """AuthError unless ``header`` proves the control plane signed this message with ``key``;
+    ``callee`` names what is protected, for the refusal's message."""
+    principal, digest = parse_header(header)
+    if principal != SERVICE_PRINCIPAL:
+        raise AuthError(f"{principal[:64]!r} may not call the {callee}")
+    verify(key, digest, task_name, args, kwargs)
+
+
 def verify(key: str, digest: str, task_name: str, args, kwargs) -> None:
     try:
         expected = mac(key, task_name, args, kwargs)

@@ -48,10 +48,8 @@ def verify_command(secret: str, body, headers) -> tuple[str, dict]:
         raise CommandRefused("malformed command")
     command, args = body["command"], body["args"]
     try:
-        principal, digest = signing.parse_header((headers or {}).get(wire.AUTH_HEADER))
-        if principal != signing.SERVICE_PRINCIPAL:
-            raise signing.AuthError("not from the control plane")
-        signing.verify(secret, digest, f"guest.{command}", [], args)
+        signing.verify_service(secret, (headers or {}).get(wire.AUTH_HEADER),
+                               f"guest.{command}", [], args, callee="guest agent")
     except signing.AuthError as exc:
         raise CommandRefused(f"unauthenticated command: {exc}") from None
     return command, args

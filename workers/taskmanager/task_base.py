@@ -20,10 +20,9 @@ class TaskmanagerTask(Task):
 
     def __call__(self, *args, **kwargs):
         try:
-            principal, digest = signing.parse_header(getattr(self.request, wire.AUTH_HEADER, None))
-            if principal != signing.SERVICE_PRINCIPAL:
-                raise signing.AuthError(f"{principal[:64]!r} may not call the taskmanager")
-            signing.verify(settings.get().service_key, digest, self.name, args, kwargs)
+            signing.verify_service(settings.get().service_key,
+                                   getattr(self.request, wire.AUTH_HEADER, None), self.name, args, kwargs,
+                                   callee="taskmanager")
         except signing.AuthError as exc:
             log.warning("rejected %s %s: unauthenticated: %s", self.name, self.request.id, exc)
             raise Reject(str(exc), requeue=False) from None
