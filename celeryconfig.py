@@ -1,8 +1,9 @@
 """Celery configuration of every control-plane process; values come from dbaas.settings."""
 
 import dbaas.broker  # noqa: F401  registers the embedded broker's URL scheme
-from dbaas import settings
+from dbaas import rpc, settings
 from dbaas.queues import queue, routes
+from workers.conductor.api import SWEEP
 
 _settings = settings.get()
 
@@ -11,13 +12,18 @@ broker_connection_retry_on_startup = True
 # Publisher confirms on RabbitMQ: send_task returns only once the broker has the message.
 broker_transport_options = {"confirm_publish": True, "polling_interval": 0.05}
 
+# Calls wait for their answer on a reply queue of their own (one per client thread),
+# which kombu declares and removes; casts ask for no answer.
+result_backend = "rpc://"
+result_persistent = False
+task_ignore_result = True
+
 # Guests write to the conductor queue: JSON only, never pickle.
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
+result_accept_content = ["json"]
 event_serializer = "json"
-task_ignore_result = True
-result_backend = None
 
 # At-least-once: acknowledge after the task ran; a worker that dies hands its messages back.
 task_acks_late = True
@@ -27,12 +33,17 @@ worker_hijack_root_logger = True
 worker_send_task_events = True
 task_send_sent_event = False
 
-task_queues = [queue(_settings.conductor_queue), queue(_settings.taskmanager_queue)]
-task_default_queue = _settings.conductor_queue
-task_routes = routes(_settings.conductor_queue, _settings.taskmanager_queue)
+task_queues = [queue(_settings.conductor_queue), queue(_settings.conductor_control_queue),
+               queue(_settings.taskmanager_queue)]
+task_default_queue = _settings.conductor_control_queue
+task_routes = routes(_settings.conductor_queue, _settings.conductor_control_queue,
+                     _settings.taskmanager_queue)
 
 # Exactly one `celery -A dbaas beat`; the sweep is idempotent, so a second one is harmless.
+# Its message is signed here, once: beat sends nothing else.
 beat_schedule = {
-    "timeout-sweep": {"task": "conductor.sweep", "schedule": _settings.sweep_interval},
+    "timeout-sweep": {"task": SWEEP, "schedule": _settings.sweep_interval,
+                      "options": {"headers": rpc.service_headers(SWEEP, [], {}),
+                                  "ignore_result": True}},
 }
 beat_schedule_filename = f"{_settings.var_dir}/celerybeat-schedule"

@@ -1,26 +1,20 @@
-"""The Celery app of the control-plane processes (conductor, taskmanager, beat, Flower).
+"""The Celery app of the control-plane processes (conductor, taskmanager, beat, Flower,
+the API and the CLI as clients).
 
 Guests never import this module: they hold no service key and no database settings.
+Nothing here signs what is published: each client module signs what it means to send
+(dbaas.rpc), so a message published because another one asked for it (a callback, a
+chain) carries no authority.
 """
 
 import sys
 
 from celery import Celery, signals
 
-from dbaas import settings, signing, wire
+from dbaas import settings
 
 app = Celery("dbaas")
 app.config_from_object("celeryconfig")
-
-
-@signals.before_task_publish.connect
-def sign_as_service(sender=None, body=None, headers=None, **_):
-    """Everything the control plane publishes proves it came from the control plane."""
-    if headers is None or wire.AUTH_HEADER in headers:
-        return
-    args, kwargs, _embed = body
-    headers[wire.AUTH_HEADER] = signing.auth_header(
-        signing.SERVICE_PRINCIPAL, settings.get().service_key, sender, args, kwargs)
 
 
 @signals.celeryd_init.connect
@@ -29,6 +23,7 @@ def import_consumed_task_modules(options=None, **_):
     is given): a taskmanager never loads the conductor and its database layer."""
     config = settings.get()
     modules = {config.conductor_queue: "workers.conductor.tasks",
+               config.conductor_control_queue: "workers.conductor.tasks",
                config.taskmanager_queue: "workers.taskmanager.tasks"}
     queues = (options or {}).get("queues") or list(modules)
     if isinstance(queues, str):
@@ -42,13 +37,19 @@ def import_consumed_task_modules(options=None, **_):
 
 @signals.celeryd_after_setup.connect
 def keep_only_consumed_tasks(sender=None, instance=None, **_):
-    """A worker runs only the tasks routed to queues it consumes.
+    """A conductor also consumes the control queue, so that calls from the control plane
+    never wait behind guests' heartbeats; and a worker runs only the tasks routed to the
+    queues it consumes.
 
     Celery's built-in tasks (``celery.map``, ``celery.chord_unlock``…) would let anyone
     who can publish make a worker call other tasks, and a taskmanager must not run
     conductor tasks (it has no database) if a message is misrouted to it.
     """
-    consumed = set(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
+    config = settings.get()
+    queues = instance.app.amqp.queues
+    if config.conductor_queue in (queues.consume_from or {}):
+        queues.select_add(config.conductor_control_queue)
+    consumed = set(queues.consume_from or queues)
     for name in list(instance.app.tasks):
         route = instance.app.amqp.router.route({}, name)
         if name.startswith("celery.") or route["queue"].name not in consumed:

@@ -22,6 +22,7 @@ from dbaas import settings as settings_module
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_AFTER_COMMIT = "dbaas_after_commit"
 
 # psycopg2 codes worth retrying: serialization failure, deadlock, and the admin/crash
 # shutdown family a restarting server answers with.
@@ -91,6 +92,12 @@ def session_scope(bind: Engine | None = None) -> Iterator[Session]:
         session.close()
 
 
+def after_commit(session: Session, action: Callable[[], object]) -> None:
+    """Run ``action`` once the transaction of ``session`` (one ``run_transaction``) has
+    committed: messages about a row are sent only when the row is there to be read."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True when the same transaction may succeed later (database away, lock, conflict)."""
     if not isinstance(exc, DBAPIError):
@@ -112,7 +119,8 @@ def run_transaction(work: Callable[[Session], T], *, retry_for: float | None = N
     while True:
         try:
             with session_scope(bind) as session:
-                return work(session)
+                result = work(session)
+            break
         except DBAPIError as exc:
             if not is_retryable(exc) or time.monotonic() + delay > deadline:
                 raise
@@ -120,3 +128,6 @@ def run_transaction(work: Callable[[Session], T], *, retry_for: float | None = N
                         type(exc.orig).__name__, delay)
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 5.0)
+    for action in session.info.get(_AFTER_COMMIT, ()):
+        action()
+    return result

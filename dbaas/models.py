@@ -45,6 +45,9 @@ class Instance(Base):
     updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The guest's secret is derived from the service key, the id and this number
+    # (dbaas.signing.guest_secret); only the current generation of a live instance verifies.
+    credential_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     __table_args__ = (
         # The timeout sweeps filter on these.
@@ -85,14 +88,3 @@ class Watermark(Base):
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     key: Mapped[str] = mapped_column(String(36), primary_key=True)
     sent: Mapped[float] = mapped_column(Float)
-
-
-class GuestCredential(Base):
-    """The secret a guest signs its messages with; one live secret per instance."""
-
-    __tablename__ = "guest_credentials"
-
-    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"), primary_key=True)
-    secret: Mapped[str] = mapped_column(String(128))
-    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)

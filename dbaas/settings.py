@@ -1,14 +1,19 @@
-"""Every setting of the control plane: one environment variable each, typed, with a default.
+"""Every setting of the control plane, declared once: name, environment variable, type,
+default and help. The README's configuration table is generated from ``OPTIONS``
+(``python manage.py settings``).
 
 The defaults need no server: SQLite under ``var/`` and the embedded filesystem broker, so a
 fresh machine runs the whole system. Production sets ``DBAAS_DATABASE_URL=postgresql://…``
-and ``DBAAS_BROKER_URL=amqp://…``. Tests build a ``Settings`` from a plain dict.
+(on the conductor only) and ``DBAAS_BROKER_URL=amqp://…``. Tests build a ``Settings`` from
+a plain dict with ``load(env)``.
 """
 
 import os
 import secrets
-from dataclasses import dataclass, fields
+import sys
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
+from typing import Callable
 
 from dbaas.broker import broker_url_for
 
@@ -16,47 +21,99 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class Settings:
-    var_dir: str
-    database_url: str
-    broker_url: str
-    conductor_queue: str
-    taskmanager_queue: str
-    # Shared secret of the control-plane services (taskmanager, API, CLI). Guests never
-    # hold it; the conductor accepts CRUD tasks only when signed with it.
-    service_key: str
-    # Heartbeats written per transaction and the longest a heartbeat waits for its batch.
-    heartbeat_batch_size: int
-    heartbeat_batch_interval: float
-    # Anything larger is rejected before it is decoded.
-    max_message_bytes: int
-    # A guest's `sent` further ahead of the conductor's clock than this is refused: it
-    # would otherwise block every later message of that instance.
-    max_clock_skew: float
-    # How long a task keeps retrying while the database is unreachable before the
-    # message goes back to the queue.
-    db_retry_seconds: float
-    credential_cache_seconds: float
-    # Guests beat every guest_heartbeat_interval; beat sweeps every sweep_interval; an
-    # ACTIVE instance silent for agent_heartbeat_expiry turns ERROR: with the defaults a
-    # dead guest shows within about a minute.
-    guest_heartbeat_interval: float
-    sweep_interval: float
-    agent_heartbeat_expiry: float
-    usage_timeout: float
-    backup_timeout: float
+class Option:
+    name: str
+    env: str
+    type: type
+    # The default as the environment would spell it, or a function of the settings read
+    # so far (var_dir first) when it depends on them.
+    default: str | Callable[[dict], str]
+    help: str
+    # Which processes read it: the README says where each must be set.
+    used_by: str = "all"
+    # How the README shows a computed default.
+    default_text: str | None = None
 
 
-def _env_default(name: str, default: str, env: dict) -> str:
-    value = env.get(name)
-    return value if value not in (None, "") else default
+OPTIONS: tuple[Option, ...] = (
+    Option("var_dir", "DBAAS_VAR_DIR", str, str(PROJECT_ROOT / "var"),
+           "state of the embedded setup: SQLite file, broker directory, instances, backups",
+           default_text="`var/`"),
+    Option("database_url", "DBAAS_DATABASE_URL", str,
+           lambda s: f"sqlite:///{Path(s['var_dir']) / 'dbaas.sqlite3'}",
+           "the control-plane database; production: `postgresql://user@host/db`",
+           used_by="conductor, `manage.py db`", default_text="`sqlite:///var/dbaas.sqlite3`"),
+    Option("broker_url", "DBAAS_BROKER_URL", str,
+           lambda s: broker_url_for(Path(s["var_dir"]) / "broker"),
+           "the message broker; production: `amqp://user:pass@host/vhost` (a `;`-separated "
+           "list fails over between cluster nodes)", default_text="`dbaasfs://var/broker` (embedded)"),
+    Option("conductor_queue", "DBAAS_CONDUCTOR_QUEUE", str, "trove-conductor",
+           "the queue guests publish to (the public contract)"),
+    Option("conductor_control_queue", "DBAAS_CONDUCTOR_CONTROL_QUEUE", str,
+           "trove-conductor-control",
+           "the queue of control-plane calls and casts to the conductor; every conductor "
+           "consumes it besides the guests' queue, so calls never wait behind heartbeats"),
+    Option("taskmanager_queue", "DBAAS_TASKMANAGER_QUEUE", str, "trove-taskmanager",
+           "the taskmanager's queue"),
+    Option("service_key", "DBAAS_SERVICE_KEY", str, "",
+           "key the control-plane services sign with and guest keys are derived from; "
+           "guests never hold it", used_by="control plane",
+           default_text="generated once into `var/service.key`"),
+    Option("call_timeout", "DBAAS_CALL_TIMEOUT", float, "10",
+           "seconds a call to the conductor waits for its answer", used_by="clients"),
+    Option("heartbeat_batch_size", "DBAAS_HEARTBEAT_BATCH_SIZE", int, "200",
+           "heartbeats written per transaction", used_by="conductor"),
+    Option("heartbeat_batch_interval", "DBAAS_HEARTBEAT_BATCH_INTERVAL", float, "0.02",
+           "the longest a heartbeat waits for its batch (seconds)", used_by="conductor"),
+    Option("max_message_bytes", "DBAAS_MAX_MESSAGE_BYTES", int, "65536",
+           "larger messages are refused unread", used_by="workers"),
+    Option("max_clock_skew", "DBAAS_MAX_CLOCK_SKEW", float, "300",
+           "a guest's `sent` further ahead of the conductor's clock is refused: it would "
+           "otherwise block every later message of that instance", used_by="conductor"),
+    Option("db_retry_seconds", "DBAAS_DB_RETRY_SECONDS", float, "300",
+           "how long a task retries while the database is away before handing the message "
+           "back to the queue", used_by="conductor"),
+    Option("credential_cache_seconds", "DBAAS_CREDENTIAL_CACHE_SECONDS", float, "60",
+           "how long a conductor trusts what it read of an instance's credentials: a "
+           "deleted instance's guest is refused at most this long after", used_by="conductor"),
+    Option("guest_heartbeat_interval", "DBAAS_GUEST_HEARTBEAT_INTERVAL", float, "10",
+           "how often guests beat (written into each guest's config)", used_by="taskmanager"),
+    Option("agent_heartbeat_expiry", "DBAAS_AGENT_HEARTBEAT_EXPIRY", float, "45",
+           "an ACTIVE instance silent this long turns ERROR", used_by="conductor"),
+    Option("sweep_interval", "DBAAS_SWEEP_INTERVAL", float, "10",
+           "how often beat runs the timeout sweeps", used_by="beat"),
+    Option("usage_timeout", "DBAAS_USAGE_TIMEOUT", float, "1800",
+           "an instance still BUILD this long after creation turns ERROR", used_by="conductor"),
+    Option("backup_timeout", "DBAAS_BACKUP_TIMEOUT", float, "3600",
+           "a backup unfinished this long after creation turns FAILED", used_by="conductor"),
+    Option("compute_driver", "DBAAS_COMPUTE_DRIVER", str, "local",
+           "how the taskmanager runs guests: `local`, one OS process per instance",
+           used_by="taskmanager"),
+    Option("guest_command", "DBAAS_GUEST_COMMAND", str,
+           lambda s: f"{sys.executable} -m workers.guestagent run",
+           "the guest agent the local driver starts (`--config FILE` is appended)",
+           used_by="taskmanager", default_text="`python -m workers.guestagent run`"),
+)
+
+Settings = make_dataclass("Settings", [(option.name, option.type) for option in OPTIONS],
+                          frozen=True)
 
 
-def _service_key(var_dir: Path, env: dict) -> str:
-    """The configured key, or one generated once into var/ for the embedded setup."""
-    configured = env.get("DBAAS_SERVICE_KEY")
-    if configured:
-        return configured
+class SettingError(ValueError):
+    """A setting's value cannot be used."""
+
+
+def _convert(option: Option, text: str):
+    if option.type is str:
+        return text
+    try:
+        return option.type(text)
+    except ValueError:
+        raise SettingError(f"{option.env}={text!r} is not {'an integer' if option.type is int else 'a number'}") from None
+
+
+def _service_key(var_dir: Path) -> str:
+    """The key generated once into var/ for the embedded setup."""
     path = var_dir / "service.key"
     if not path.exists():
         # Several processes may start at once on a fresh var/: each writes a whole key
@@ -74,38 +131,33 @@ def _service_key(var_dir: Path, env: dict) -> str:
             os.unlink(candidate)
     key = path.read_text().strip()
     if not key:
-        raise RuntimeError(f"{path} is empty: remove it or set DBAAS_SERVICE_KEY")
+        raise SettingError(f"{path} is empty: remove it or set DBAAS_SERVICE_KEY")
     return key
 
 
 def load(env: dict | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
-    var_dir = Path(_env_default("DBAAS_VAR_DIR", str(PROJECT_ROOT / "var"), env)).resolve()
+    values: dict = {}
+    for option in OPTIONS:
+        text = env.get(option.env)
+        if text in (None, ""):
+            text = option.default(values) if callable(option.default) else option.default
+        values[option.name] = _convert(option, text)
+    var_dir = Path(values["var_dir"]).resolve()
     var_dir.mkdir(parents=True, exist_ok=True)
-    raw = {
-        "var_dir": str(var_dir),
-        "database_url": _env_default("DBAAS_DATABASE_URL", f"sqlite:///{var_dir / 'dbaas.sqlite3'}", env),
-        "broker_url": _env_default("DBAAS_BROKER_URL", broker_url_for(str(var_dir / "broker")), env),
-        "conductor_queue": _env_default("DBAAS_CONDUCTOR_QUEUE", "trove-conductor", env),
-        "taskmanager_queue": _env_default("DBAAS_TASKMANAGER_QUEUE", "trove-taskmanager", env),
-        "heartbeat_batch_size": _env_default("DBAAS_HEARTBEAT_BATCH_SIZE", "200", env),
-        "heartbeat_batch_interval": _env_default("DBAAS_HEARTBEAT_BATCH_INTERVAL", "0.02", env),
-        "max_message_bytes": _env_default("DBAAS_MAX_MESSAGE_BYTES", "65536", env),
-        "max_clock_skew": _env_default("DBAAS_MAX_CLOCK_SKEW", "300", env),
-        "db_retry_seconds": _env_default("DBAAS_DB_RETRY_SECONDS", "300", env),
-        "credential_cache_seconds": _env_default("DBAAS_CREDENTIAL_CACHE_SECONDS", "60", env),
-        "guest_heartbeat_interval": _env_default("DBAAS_GUEST_HEARTBEAT_INTERVAL", "10", env),
-        "sweep_interval": _env_default("DBAAS_SWEEP_INTERVAL", "10", env),
-        "agent_heartbeat_expiry": _env_default("DBAAS_AGENT_HEARTBEAT_EXPIRY", "45", env),
-        "usage_timeout": _env_default("DBAAS_USAGE_TIMEOUT", "1800", env),
-        "backup_timeout": _env_default("DBAAS_BACKUP_TIMEOUT", "3600", env),
-    }
-    typed = {}
-    for field in fields(Settings):
-        if field.name == "service_key":
-            continue
-        typed[field.name] = field.type(raw[field.name]) if field.type in (int, float) else raw[field.name]
-    return Settings(service_key=_service_key(var_dir, env), **typed)
+    values["var_dir"] = str(var_dir)
+    if not values["service_key"]:
+        values["service_key"] = _service_key(var_dir)
+    return Settings(**values)
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    rows = ["| variable | default | used by | meaning |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        default = option.default_text or f"`{option.default}`"
+        rows.append(f"| `{option.env}` | {default} | {option.used_by} | {option.help} |")
+    return "\n".join(rows)
 
 
 _current: Settings | None = None

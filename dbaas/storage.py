@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from dbaas.files import replaced
+
 # A backup id becomes a file name: no separators, no leading dot (temp files have one).
 BACKUP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -37,16 +39,9 @@ class Storage(ABC):
 
 
 def copy_atomically(src: str | os.PathLike, dest: Path) -> None:
-    """Copy to a temp name beside *dest*, flush it to disk, rename into place: a reader
-    (or a crash) never sees half a file under the final name."""
-    temporary = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
+    """A durable copy that appears under its final name whole or not at all."""
+    with replaced(dest, fsync=True) as temporary:
         shutil.copyfile(src, temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, dest)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class LocalStorage(Storage):

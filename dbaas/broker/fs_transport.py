@@ -4,7 +4,7 @@ URL: ``dbaasfs:///absolute/path/to/broker-dir`` (see ``dbaas.broker.broker_url_f
 The directory is created if missing::
 
     messages/<stamp>_<id>.<queue>.msg     ready, oldest stamp first
-    messages/.<same name>.tmp             being written; no queue's pattern matches it
+    messages/.<same name>.….tmp           being written; no queue's pattern matches it
     unacked/<owner>.<message name>        claimed by a consumer, not yet acked
     owners/<pid>-<token>.lock             locked by a consuming process for its whole life
     control/<exchange>.exchange           kombu's binding tables (shared, as in kombu)
@@ -54,6 +54,7 @@ from kombu.transport import filesystem, virtual
 from kombu.utils.json import dumps, loads
 
 from dbaas.broker import SCHEME
+from dbaas.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +137,7 @@ class Channel(filesystem.Channel):
 
     def _put(self, queue, payload, **kwargs):
         name = f"{time_ns():020d}_{uuid4().hex}.{_checked(queue)}.msg"
-        staging = self.connection.ready_dir / f".{name}.tmp"
-        staging.write_bytes(dumps(payload).encode())
-        os.rename(staging, self.connection.ready_dir / name)
+        write_atomically(self.connection.ready_dir / name, dumps(payload))
 
     def _get(self, queue):
         self.connection.housekeep_if_due()

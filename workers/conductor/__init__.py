@@ -1,7 +1,10 @@
 """The conductor: the only service holding the control-plane database connection.
 
-Where each message is handled: ``tasks.py`` registers the task names; the logic lives in
-``heartbeats.py`` (conductor.heartbeat), ``backups.py`` (conductor.update_backup) and
-``crud.py`` (control-plane CRUD). ``messages.py`` validates what guests send and
-``auth.py`` decides who sent it.
+Where each message is handled: ``api.py`` is the client every other process uses (task
+names are constants there); ``tasks.py`` registers those names and hands over to
+``manager.py`` (one function per call or cast), which uses ``instances.py`` and
+``backups.py`` (the rules of each entity), ``sweeps.py`` (timeouts) and, for guests'
+messages, ``heartbeats.py`` (conductor.heartbeat, batched by ``batching.py``) and
+``backups.py`` (conductor.update_backup). ``messages.py`` validates what guests send,
+``auth.py`` decides who sent it and ``ordering.py`` keeps their messages in order.
 """

@@ -1,8 +1,13 @@
-"""Who sent a message: verified before the conductor touches anything.
+"""Who sent a message: proven before the conductor touches anything.
 
-Guests sign with their instance's secret (see dbaas.signing); the control plane signs
-with the service key. Guest-facing tasks accept only an instance principal whose id is
-the message's ``instance_id``; every other task accepts only the service.
+Guests sign with a key derived from the service key, their instance id and the generation
+of their credentials (dbaas.signing.guest_secret); the control plane signs with the
+service key. So the signature is checked without the database: a forged or unknown
+sender costs a MAC, never a transaction. Only a message whose signature verified asks the
+database (through a short cache) whether its instance and generation are still live.
+
+Guest-facing tasks accept only an instance principal whose id is the message's
+``instance_id``; every other task accepts only the service.
 """
 
 import time
@@ -12,13 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dbaas import settings, signing, wire
-from dbaas.models import GuestCredential, Instance
+from dbaas.models import Instance
 from workers.conductor.messages import MessageRejected
 
 
 @dataclass(frozen=True)
 class Principal:
     instance_id: str | None  # None for the control-plane service
+    generation: int | None = None
 
     @property
     def is_service(self) -> bool:
@@ -28,77 +34,17 @@ class Principal:
 SERVICE = Principal(instance_id=None)
 
 
-class CredentialCache:
-    """Instance secrets, cached briefly: a heartbeat batch needs one query, not hundreds.
-
-    A revoked credential keeps verifying for at most ``ttl`` seconds in a running
-    conductor. Unknown instances are not cached, so a new instance works at once.
-    """
-
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self._entries: dict[str, tuple[str, float]] = {}
-
-    def secrets(self, session: Session, instance_ids: set[str]) -> dict[str, str]:
-        now = time.monotonic()
-        found = {i: e[0] for i in instance_ids if (e := self._entries.get(i)) and e[1] > now}
-        missing = instance_ids - found.keys()
-        if missing:
-            rows = session.execute(
-                select(GuestCredential.instance_id, GuestCredential.secret)
-                .join(Instance, Instance.id == GuestCredential.instance_id)
-                .where(GuestCredential.instance_id.in_(missing),
-                       GuestCredential.revoked_at.is_(None), Instance.deleted.is_(False))
-            )
-            for instance_id, secret in rows:
-                self._entries[instance_id] = (secret, now + self.ttl)
-                found[instance_id] = secret
-        return found
-
-
-_cache: CredentialCache | None = None
-
-
-def credential_cache() -> CredentialCache:
-    global _cache
-    if _cache is None:
-        _cache = CredentialCache(settings.get().credential_cache_seconds)
-    return _cache
-
-
-def claimed_instance(header) -> str | None:
-    """The instance a guest message claims to come from (None for the service)."""
-    try:
-        principal, _digest = signing.parse_header(header)
-    except signing.AuthError as exc:
-        raise MessageRejected(f"unauthenticated: {exc}") from None
-    if principal == signing.SERVICE_PRINCIPAL:
-        return None
-    if principal.startswith(signing.INSTANCE_PREFIX):
-        return principal[len(signing.INSTANCE_PREFIX):]
-    raise MessageRejected(f"unauthenticated: unknown principal {principal[:64]!r}")
-
-
-def authenticate(task_name: str, args, kwargs, header, instance_secrets: dict[str, str]) -> Principal:
-    """Verify the message's signature and that its sender may call ``task_name``.
-
-    ``instance_secrets`` must hold the secret of the instance the header claims (see
-    ``claimed_instance``); a missing one means no live credential exists.
-    """
-    claimed = claimed_instance(header)
-    _principal, digest = signing.parse_header(header)
+def verify(task_name: str, args, kwargs, header) -> Principal:
+    """The sender, if the signature verifies and the sender may call ``task_name`` with
+    these arguments; MessageRejected otherwise. Reads no database."""
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise MessageRejected("arguments are not a list and a mapping")
-    if claimed is None:
-        key, principal = settings.get().service_key, SERVICE
-    else:
-        key, principal = instance_secrets.get(claimed), Principal(instance_id=claimed)
-        if key is None:
-            raise MessageRejected(f"unauthenticated: no credentials for instance {claimed[:64]!r}")
     try:
-        signing.verify(key, digest, task_name, args, kwargs)
+        claim = signing.parse_header(header)
+        signing.verify_claim(settings.get().service_key, claim, task_name, args, kwargs)
     except signing.AuthError as exc:
         raise MessageRejected(f"unauthenticated: {exc}") from None
+    principal = Principal(claim.instance_id, claim.generation)
     if task_name in wire.GUEST_TASKS:
         if principal.is_service:
             raise MessageRejected(f"{task_name} is sent by guests only")
@@ -110,18 +56,56 @@ def authenticate(task_name: str, args, kwargs, header, instance_secrets: dict[st
     return principal
 
 
-def load_secrets(session: Session, headers) -> dict[str, str]:
-    """The secrets of every instance these headers claim; malformed headers are skipped
-    here and refused by ``authenticate``."""
-    claimed = set()
-    for header in headers:
-        try:
-            claimed.add(claimed_instance(header))
-        except MessageRejected:
-            pass
-    claimed.discard(None)
-    return credential_cache().secrets(session, claimed) if claimed else {}
+class LiveCredentials:
+    """The live credential generation of each instance (None: deleted or unknown), cached
+    for ``ttl`` seconds, misses included: a heartbeat batch needs one query, not hundreds,
+    and a deleted instance's guest beating on costs no query per beat. A deleted instance's
+    credentials so keep verifying for at most ``ttl`` in a running conductor."""
+
+    def __init__(self, ttl: float, max_entries: int = 200_000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[int | None, float]] = {}
+
+    def generations(self, session: Session, instance_ids: set[str]) -> dict[str, int | None]:
+        now = time.monotonic()
+        found = {i: e[0] for i in instance_ids if (e := self._entries.get(i)) and e[1] > now}
+        missing = instance_ids - found.keys()
+        if missing:
+            if len(self._entries) + len(missing) > self.max_entries:
+                self._entries.clear()  # bounded memory whatever ids are claimed
+            live = dict(session.execute(
+                select(Instance.id, Instance.credential_generation)
+                .where(Instance.id.in_(missing), Instance.deleted.is_(False))).all())
+            for instance_id in missing:
+                found[instance_id] = live.get(instance_id)
+                self._entries[instance_id] = (found[instance_id], now + self.ttl)
+        return found
 
 
-def authenticate_one(session: Session, task_name: str, args, kwargs, header) -> Principal:
-    return authenticate(task_name, args, kwargs, header, load_secrets(session, [header]))
+_cache: LiveCredentials | None = None
+
+
+def live_credentials() -> LiveCredentials:
+    global _cache
+    if _cache is None:
+        _cache = LiveCredentials(settings.get().credential_cache_seconds)
+    return _cache
+
+
+def refuse_revoked(session: Session, principals: list[Principal]) -> list[str | None]:
+    """Per principal: None when its credentials are live (or it is the service), else why not."""
+    claimed = {p.instance_id for p in principals if not p.is_service}
+    live = live_credentials().generations(session, claimed) if claimed else {}
+    return [None if p.is_service or live.get(p.instance_id) == p.generation
+            else f"unauthenticated: no live credentials for instance {p.instance_id} "
+                 f"generation {p.generation}"
+            for p in principals]
+
+
+def authenticate(session: Session, task_name: str, args, kwargs, header) -> Principal:
+    principal = verify(task_name, args, kwargs, header)
+    refusal = refuse_revoked(session, [principal])[0]
+    if refusal:
+        raise MessageRejected(refusal)
+    return principal

@@ -84,12 +84,21 @@ def handle_heartbeats(session: Session, envelopes: list, now: datetime | None = 
     config = settings.get()
     now = now or utcnow()
     epoch_now = time.time()
-    secrets = auth.load_secrets(session, [envelope.auth for envelope in envelopes])
     verdicts: list = [None] * len(envelopes)
-    beats = []
+    verified: list[tuple[int, auth.Principal]] = []
     for index, envelope in enumerate(envelopes):
         try:
-            auth.authenticate(wire.HEARTBEAT_TASK, envelope.args, envelope.kwargs, envelope.auth, secrets)
+            verified.append((index, auth.verify(wire.HEARTBEAT_TASK, envelope.args, envelope.kwargs,
+                                                envelope.auth)))
+        except MessageRejected as exc:
+            verdicts[index] = str(exc)
+    refusals = auth.refuse_revoked(session, [principal for _index, principal in verified])
+    beats = []
+    for (index, _principal), refusal in zip(verified, refusals):
+        envelope = envelopes[index]
+        try:
+            if refusal:
+                raise MessageRejected(refusal)
             beats.append(parse_heartbeat(envelope.args, envelope.kwargs, epoch_now, config.max_clock_skew))
         except MessageRejected as exc:
             verdicts[index] = str(exc)

@@ -1,5 +1,12 @@
-"""The base of conductor tasks handled one message at a time: size guard, authentication
-and one transaction per run."""
+"""The bases of conductor tasks handled one message at a time: size guard, authentication,
+one transaction per run, and for calls an answer that is data.
+
+A cast that is refused is rejected without requeue, with a log line saying why; while the
+database is away it is retried with backoff, and past ``db_retry_seconds`` the message
+goes back to the queue rather than being lost. A call answers ``{"result": …}`` or
+``{"error": …}`` (dbaas.errors); its caller waits only ``call_timeout``, so it retries the
+database no longer than that and then answers that the database is unavailable.
+"""
 
 import inspect
 import logging
@@ -8,7 +15,7 @@ from celery import Task
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
-from dbaas import db, settings, wire
+from dbaas import db, errors, settings, wire
 from workers.conductor import auth
 from workers.conductor.messages import MessageRejected
 
@@ -26,30 +33,28 @@ class GuardedRequest(Request):
 
 
 class ConductorTask(Task):
-    """``run(session, principal, *args, **kwargs)`` inside one transaction.
-
-    A refused message is rejected without requeue, with a log line saying why. While the
-    database is away the run is retried with backoff; past ``db_retry_seconds`` the
-    message goes back to the queue rather than being lost.
-    """
+    """A cast: ``run(session, principal, *args, **kwargs)`` inside one transaction."""
 
     Request = GuardedRequest
     typing = False
 
-    def __call__(self, *args, **kwargs):
+    def _run_authenticated(self, args, kwargs, retry_for: float | None):
         header = getattr(self.request, wire.AUTH_HEADER, None)
 
         def work(session):
-            principal = auth.authenticate_one(session, self.name, args, kwargs, header)
+            principal = auth.authenticate(session, self.name, args, kwargs, header)
             try:
                 inspect.signature(self.run).bind(session, principal, *args, **kwargs)
             except TypeError as exc:
                 raise MessageRejected(f"bad arguments: {exc}") from None
             return self.run(session, principal, *args, **kwargs)
 
+        return db.run_transaction(work, retry_for=retry_for)
+
+    def __call__(self, *args, **kwargs):
         try:
-            return db.run_transaction(work)
-        except MessageRejected as exc:
+            return self._run_authenticated(args, kwargs, None)
+        except (MessageRejected, errors.DbaasError) as exc:
             log.warning("rejected %s %s: %s", self.name, self.request.id, exc)
             raise Reject(str(exc), requeue=False) from None
         except Exception as exc:
@@ -58,3 +63,24 @@ class ConductorTask(Task):
             log.error("%s %s: database unavailable for %.0fs; returning the message to the queue",
                       self.name, self.request.id, settings.get().db_retry_seconds)
             raise Reject(str(exc), requeue=True) from None
+
+
+class ConductorCall(ConductorTask):
+    """A call: the same, and the caller gets the answer through the result backend."""
+
+    ignore_result = False
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return {"result": self._run_authenticated(args, kwargs, settings.get().call_timeout)}
+        except MessageRejected as exc:
+            # Not authenticated or malformed: no answer (it may not even come from a caller).
+            log.warning("rejected %s %s: %s", self.name, self.request.id, exc)
+            raise Reject(str(exc), requeue=False) from None
+        except errors.DbaasError as exc:
+            return errors.to_reply(exc)
+        except Exception as exc:
+            if not db.is_retryable(exc):
+                raise
+            log.error("%s %s: database unavailable", self.name, self.request.id)
+            return errors.to_reply(errors.Unavailable(f"database unavailable: {type(exc).__name__}"))

@@ -1,13 +1,14 @@
-"""Every task the conductor serves, by its public name. Bodies only hand over to the
-modules that hold the logic."""
+"""Every task the conductor serves, by its public name (``api.py`` holds the names).
+Bodies only hand over to the modules that hold the logic."""
 
 from dbaas import settings, wire
 from dbaas.celery import app
-from dbaas.models import utcnow
-from workers.conductor import backups, crud, heartbeats, sweeps
+from workers.conductor import api, backups, heartbeats, manager
 from workers.conductor.auth import Principal
 from workers.conductor.batching import BatchedTask
-from workers.conductor.task_base import ConductorTask
+from workers.conductor.task_base import ConductorCall, ConductorTask
+
+# --- guests (the public contract, on the guests' queue)
 
 
 @app.task(name=wire.HEARTBEAT_TASK, base=BatchedTask)
@@ -17,38 +18,90 @@ def heartbeat(session, envelopes):
 
 @app.task(name=wire.UPDATE_BACKUP_TASK, base=ConductorTask)
 def update_backup(session, principal: Principal, *args, **kwargs):
-    backups.handle_backup_update(session, args, kwargs)
+    backups.handle_update(session, args, kwargs)
 
 
-@app.task(name="conductor.instance_update", base=ConductorTask)
-def instance_update(session, principal: Principal, instance_id: str, **fields):
-    crud.instance_update(session, instance_id, fields)
+# --- calls from the control plane
 
 
-@app.task(name="conductor.backup_create", base=ConductorTask)
-def backup_create(session, principal: Principal, backup_id: str, instance_id: str, name: str,
-                  description: str | None = None):
-    crud.backup_create(session, backup_id, instance_id, name, description)
+@app.task(name=api.INSTANCE_CREATE, base=ConductorCall)
+def instance_create(session, principal: Principal, instance_id, name, datastore=None,
+                    restore_from=None, project_id=None):
+    return manager.instance_create(session, instance_id, name, datastore, restore_from, project_id)
 
 
-@app.task(name="conductor.sweep", base=ConductorTask)
+@app.task(name=api.INSTANCE_SHOW, base=ConductorCall)
+def instance_show(session, principal: Principal, instance_id, project_id=None):
+    return manager.instance_show(session, instance_id, project_id)
+
+
+@app.task(name=api.INSTANCE_LIST, base=ConductorCall)
+def instance_list(session, principal: Principal, project_id=None):
+    return manager.instance_list(session, project_id)
+
+
+@app.task(name=api.INSTANCE_DELETE, base=ConductorCall)
+def instance_delete(session, principal: Principal, instance_id, project_id=None):
+    return manager.instance_delete(session, instance_id, project_id)
+
+
+@app.task(name=api.INSTANCE_RESTART, base=ConductorCall)
+def instance_restart(session, principal: Principal, instance_id, project_id=None):
+    return manager.instance_restart(session, instance_id, project_id)
+
+
+@app.task(name=api.INSTANCE_RESET_STATUS, base=ConductorCall)
+def instance_reset_status(session, principal: Principal, instance_id):
+    return manager.instance_reset_status(session, instance_id)
+
+
+@app.task(name=api.BACKUP_CREATE, base=ConductorCall)
+def backup_create(session, principal: Principal, backup_id, instance_id, name, description=None,
+                  project_id=None):
+    return manager.backup_create(session, backup_id, instance_id, name, description, project_id)
+
+
+@app.task(name=api.BACKUP_SHOW, base=ConductorCall)
+def backup_show(session, principal: Principal, backup_id, project_id=None):
+    return manager.backup_show(session, backup_id, project_id)
+
+
+@app.task(name=api.BACKUP_LIST, base=ConductorCall)
+def backup_list(session, principal: Principal, project_id=None, instance_id=None):
+    return manager.backup_list(session, project_id, instance_id)
+
+
+@app.task(name=api.BACKUP_DELETE, base=ConductorCall)
+def backup_delete(session, principal: Principal, backup_id, project_id=None):
+    return manager.backup_delete(session, backup_id, project_id)
+
+
+# --- casts from the taskmanager and beat
+
+
+@app.task(name=api.INSTANCE_UPDATE, base=ConductorTask)
+def instance_update(session, principal: Principal, instance_id, **fields):
+    manager.instance_update(session, instance_id, fields)
+
+
+@app.task(name=api.INSTANCE_DELETED, base=ConductorTask)
+def instance_deleted(session, principal: Principal, instance_id):
+    manager.instance_deleted(session, instance_id)
+
+
+@app.task(name=api.BACKUP_FAIL, base=ConductorTask)
+def backup_fail(session, principal: Principal, backup_id, reason):
+    manager.backup_fail(session, backup_id, reason)
+
+
+@app.task(name=api.BACKUP_DELETED, base=ConductorTask)
+def backup_deleted(session, principal: Principal, backup_id):
+    manager.backup_deleted(session, backup_id)
+
+
+@app.task(name=api.SWEEP, base=ConductorTask)
 def sweep(session, principal: Principal):
     config = settings.get()
-    return sweeps.sweep(session, utcnow(), usage_timeout=config.usage_timeout,
-                        agent_heartbeat_expiry=config.agent_heartbeat_expiry,
-                        backup_timeout=config.backup_timeout)
-
-
-@app.task(name="conductor.instance_delete", base=ConductorTask)
-def instance_delete(session, principal: Principal, instance_id: str):
-    crud.instance_delete(session, instance_id, utcnow())
-
-
-@app.task(name="conductor.backup_delete", base=ConductorTask)
-def backup_delete(session, principal: Principal, backup_id: str):
-    crud.backup_delete(session, backup_id, utcnow())
-
-
-@app.task(name="conductor.backup_fail", base=ConductorTask)
-def backup_fail(session, principal: Principal, backup_id: str, reason: str):
-    crud.backup_fail(session, backup_id, reason, utcnow())
+    return manager.sweep(session, usage_timeout=config.usage_timeout,
+                         agent_heartbeat_expiry=config.agent_heartbeat_expiry,
+                         backup_timeout=config.backup_timeout)

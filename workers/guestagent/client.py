@@ -26,11 +26,11 @@ def guest_app(broker_url: str, conductor_queue: str) -> Celery:
     return app
 
 
-def send_signed(app: Celery, instance_id: str, secret: str, task_name: str, args: list,
-                kwargs: dict | None = None) -> None:
+def send_signed(app: Celery, instance_id: str, secret: str, generation: int, task_name: str,
+                args: list, kwargs: dict | None = None) -> None:
     kwargs = kwargs or {}
     header = signing.auth_header(signing.instance_principal(instance_id), secret, task_name,
-                                 args, kwargs)
+                                 args, kwargs, generation=generation)
     app.send_task(task_name, args=args, kwargs=kwargs, headers={wire.AUTH_HEADER: header})
 
 
@@ -40,7 +40,8 @@ class ConductorClient:
         self.app = guest_app(config.broker_url, config.conductor_queue)
 
     def send(self, task_name: str, args: list, kwargs: dict | None = None) -> None:
-        send_signed(self.app, self.config.instance_id, self.config.secret, task_name, args, kwargs)
+        send_signed(self.app, self.config.instance_id, self.config.secret, self.config.generation,
+                    task_name, args, kwargs)
 
     def heartbeat(self, service_status: str | None = None, sent: float | None = None,
                   **payload) -> None:

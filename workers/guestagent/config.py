@@ -4,12 +4,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+from dbaas.files import write_atomically
+
 
 @dataclass(frozen=True)
 class GuestConfig:
     instance_id: str
     secret: str
     broker_url: str
+    # The generation of the credentials the secret belongs to (dbaas.signing.guest_secret).
+    generation: int = 1
     conductor_queue: str = "trove-conductor"
     datastore: str = "sqlite"
     # Where the datastore keeps its files and where backups are stored (local storage).
@@ -20,13 +24,8 @@ class GuestConfig:
 
 def write(path: str, config: GuestConfig) -> None:
     """Written owner-only: the file holds the instance's secret."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(asdict(config), out, indent=2)
-    os.replace(temporary, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, json.dumps(asdict(config), indent=2), mode=0o600)
 
 
 def load(path: str) -> GuestConfig:

@@ -1,31 +1,33 @@
-"""The client side of the taskmanager: enqueue its tasks by name (manage.py, the API).
+"""The taskmanager's client: casts that hand it work (sent by the conductor once the
+record they are about has committed). Each method sends the task of the same name, which
+``tasks.py`` serves; names are constants here.
 
-Call these only after the transaction that recorded the instance or backup committed, so
-the taskmanager never acts on a row that is not there.
+Messages about a guest carry the generation of its credentials, so the taskmanager derives
+the guest's key instead of reading it from anywhere.
 """
 
-from dbaas.celery import app
+from dbaas.rpc import Client
+
+CREATE_INSTANCE = "taskmanager.create_instance"
+DELETE_INSTANCE = "taskmanager.delete_instance"
+RESTART_INSTANCE = "taskmanager.restart_instance"
+CREATE_BACKUP = "taskmanager.create_backup"
+DELETE_BACKUP = "taskmanager.delete_backup"
 
 
-def _send(task: str, *args) -> None:
-    app.send_task(f"taskmanager.{task}", args=list(args))
+class TaskmanagerAPI(Client):
+    def create_instance(self, instance_id: str, datastore: str, restore_location: str | None,
+                        generation: int) -> None:
+        self.cast(CREATE_INSTANCE, instance_id, datastore, restore_location, generation)
 
+    def delete_instance(self, instance_id: str) -> None:
+        self.cast(DELETE_INSTANCE, instance_id)
 
-def create_instance(instance_id: str, datastore: str, restore_location: str | None = None) -> None:
-    _send("create_instance", instance_id, datastore, restore_location)
+    def restart_instance(self, instance_id: str, generation: int) -> None:
+        self.cast(RESTART_INSTANCE, instance_id, generation)
 
+    def create_backup(self, backup_id: str, instance_id: str, generation: int) -> None:
+        self.cast(CREATE_BACKUP, backup_id, instance_id, generation)
 
-def delete_instance(instance_id: str) -> None:
-    _send("delete_instance", instance_id)
-
-
-def restart_instance(instance_id: str) -> None:
-    _send("restart_instance", instance_id)
-
-
-def create_backup(backup_id: str, instance_id: str) -> None:
-    _send("create_backup", backup_id, instance_id)
-
-
-def delete_backup(backup_id: str, location: str | None) -> None:
-    _send("delete_backup", backup_id, location)
+    def delete_backup(self, backup_id: str, location: str | None) -> None:
+        self.cast(DELETE_BACKUP, backup_id, location)

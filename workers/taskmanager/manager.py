@@ -1,18 +1,19 @@
-"""The taskmanager's work, as plain methods taking primitives (Trove's api/manager split):
-``tasks.py`` decodes a message and calls one of these.
+"""The serving half of ``api.py``: the taskmanager's work as plain methods taking
+primitives, same names (``tasks.py`` decodes a message and calls one of these).
 
 Every request may be delivered more than once (late acknowledgement, redelivery after a
 worker died), so each method is idempotent; none touches the database but through the
-conductor.
+conductor's client.
 """
 
 import logging
 from datetime import datetime, timezone
 
 from dbaas.storage import LocalStorage, StorageError
+from workers.conductor.api import ConductorAPI
+from workers.guestagent.api import DATASTORES
 from workers.taskmanager import guests
 from workers.taskmanager.compute import ComputeDriver, SpawnError
-from workers.taskmanager.conductor_api import ConductorApi
 from workers.taskmanager.guests import GuestUnreachable
 
 log = logging.getLogger(__name__)
@@ -21,22 +22,25 @@ PROVISIONING_FAILED = "provisioning_failed"
 
 
 class Manager:
-    def __init__(self, driver: ComputeDriver, conductor: ConductorApi):
+    def __init__(self, driver: ComputeDriver, conductor: ConductorAPI):
         self.driver = driver
         self.conductor = conductor
 
-    def create_instance(self, instance_id: str, datastore: str,
-                        restore_location: str | None = None) -> None:
-        """Start the guest, unless an earlier delivery already did, and ask it to prepare
-        its datastore. A guest may so receive prepare twice; it treats the second as done."""
+    def create_instance(self, instance_id: str, datastore: str, restore_location: str | None,
+                        generation: int) -> None:
+        """Start the guest with its config, unless an earlier delivery already did, and ask
+        it to prepare its datastore. A guest may so receive prepare twice; it treats the
+        second as done."""
         prepare = {"restore_location": restore_location} if restore_location else {}
         try:
-            if datastore == "postgresql":
+            if datastore not in DATASTORES:
+                raise SpawnError(f"unknown datastore {datastore!r}")
+            if DATASTORES[datastore].needs_port:
                 host, port = self.driver.allocate_endpoint(instance_id)
                 self.conductor.instance_update(instance_id, host=host, port=port)
                 prepare["port"] = port
-            self.driver.spawn(instance_id, guests.config_path(instance_id))
-            guests.send(instance_id, "prepare", prepare)
+            self.driver.spawn(instance_id, guests.config_for(instance_id, generation, datastore))
+            guests.send(instance_id, generation, "prepare", prepare)
         except (SpawnError, GuestUnreachable) as exc:
             log.warning("provisioning %s failed: %s", instance_id, exc)
             self.conductor.instance_update(
@@ -45,21 +49,21 @@ class Manager:
 
     def delete_instance(self, instance_id: str) -> None:
         self.driver.destroy(instance_id)
-        self.conductor.instance_delete(instance_id)
+        self.conductor.instance_deleted(instance_id)
 
-    def restart_instance(self, instance_id: str) -> None:
+    def restart_instance(self, instance_id: str, generation: int) -> None:
         if not self.driver.is_running(instance_id):
             log.warning("no guest runs for %s: the restart waits in its queue", instance_id)
-        guests.send(instance_id, "restart", {})
+        guests.send(instance_id, generation, "restart", {})
 
-    def create_backup(self, backup_id: str, instance_id: str) -> None:
+    def create_backup(self, backup_id: str, instance_id: str, generation: int) -> None:
         """The guest does the work and reports through conductor.update_backup; a backup no
         guest will ever see fails now instead of at its timeout."""
         if not self.driver.is_running(instance_id):
             self.conductor.backup_fail(backup_id, f"no guest agent runs for instance {instance_id}")
             return
         try:
-            guests.send(instance_id, "backup", {"backup_id": backup_id})
+            guests.send(instance_id, generation, "backup", {"backup_id": backup_id})
         except GuestUnreachable as exc:
             self.conductor.backup_fail(backup_id, str(exc))
 
@@ -71,4 +75,4 @@ class Manager:
                 # The location came from a guest: one outside the backup root names nothing
                 # of ours to remove, and must not keep the record from going.
                 log.warning("backup %s: nothing removed: %s", backup_id, exc)
-        self.conductor.backup_delete(backup_id)
+        self.conductor.backup_deleted(backup_id)

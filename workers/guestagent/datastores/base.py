@@ -5,14 +5,14 @@ import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from dbaas.files import write_atomically
+
 STATE_FILE = "datastore.json"
 
 
 def write_json(path: Path, data: dict) -> None:
     """Replace *path* whole: a crash leaves the old content or the new, never half."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data))
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(data))
 
 
 class Datastore(ABC):

@@ -1,7 +1,8 @@
 """Compute drivers by name. ``DBAAS_COMPUTE_DRIVER`` picks one; ``local`` is the default."""
 
 import importlib
-import os
+
+from dbaas import settings
 
 from workers.taskmanager.compute.base import ComputeDriver, SpawnError
 
@@ -15,7 +16,7 @@ DRIVERS = {
 
 
 def get_driver(name: str | None = None) -> ComputeDriver:
-    name = name or os.environ.get("DBAAS_COMPUTE_DRIVER") or "local"
+    name = name or settings.get().compute_driver
     if name not in DRIVERS:
         raise ValueError(f"unknown compute driver {name!r}; choose one of {', '.join(DRIVERS)}")
     module, _, factory = DRIVERS[name].partition(":")

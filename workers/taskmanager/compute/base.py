@@ -2,6 +2,8 @@
 
 from abc import ABC, abstractmethod
 
+from workers.guestagent.api import GuestConfig
+
 
 class SpawnError(Exception):
     """The guest could not be started; the message says why (it becomes the instance's fault)."""
@@ -9,9 +11,10 @@ class SpawnError(Exception):
 
 class ComputeDriver(ABC):
     @abstractmethod
-    def spawn(self, instance_id: str, config_path: str) -> None:
-        """Start the guest agent of ``instance_id`` with that configuration file, unless it
-        already runs: a redelivered request must not start a second guest."""
+    def spawn(self, instance_id: str, config: GuestConfig) -> None:
+        """Deliver ``config`` to the instance (the driver chooses its ``data_dir``) and
+        start its guest agent, unless it already runs: a redelivered request must not
+        start a second guest."""
 
     @abstractmethod
     def is_running(self, instance_id: str) -> bool:

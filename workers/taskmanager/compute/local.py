@@ -1,8 +1,8 @@
 """The default compute driver: each instance's guest agent is an OS process on this host.
 
-``var/instances/<id>/`` holds everything of one instance: ``guest.json`` (written by
-manage.py), the guest's data directory, ``guest.log``, ``guest.pid`` and ``endpoint``;
-destroy removes it whole.
+``var/instances/<id>/`` holds everything of one instance: ``guest.json`` (the config the
+taskmanager hands over), the guest's data directory ``data/``, ``guest.log``,
+``guest.pid`` and ``endpoint``; destroy removes it whole.
 
 The guest runs detached — a session of its own, stdin from /dev/null, output to guest.log —
 so it outlives the taskmanager worker that started it: restarting the taskmanager must not
@@ -12,6 +12,7 @@ VMs would. A redelivered request is recognised through ``var/instances``, so eve
 taskmanager using this driver must run on the one host that holds it.
 """
 
+import dataclasses
 import fcntl
 import glob
 import logging
@@ -22,22 +23,21 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
+from dbaas import settings
+from dbaas.files import write_atomically
 from dbaas.settings import PROJECT_ROOT
-from workers.guestagent import config as guest_config
-from workers.guestagent.datastores.postgresql import stop_cluster
-from workers.taskmanager import guests
+from workers.guestagent.api import GuestConfig, write_config
 from workers.taskmanager.compute.base import ComputeDriver, SpawnError
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-PID_FILE, LOG_FILE, ENDPOINT_FILE = "guest.pid", "guest.log", "endpoint"
-DEFAULT_GUEST_COMMAND = (sys.executable, "-m", "workers.guestagent", "run")
+PID_FILE, LOG_FILE, ENDPOINT_FILE, CONFIG_FILE = "guest.pid", "guest.log", "endpoint", "guest.json"
 # The only variables a guest inherits: the control plane's own may hold secrets.
 GUEST_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 KILL_WAIT = 10.0
@@ -51,41 +51,51 @@ class InstanceGone(SpawnError):
     """The instance's directory does not exist (deleted, or its guest config written elsewhere)."""
 
 
-def guest_command() -> list[str]:
-    """``DBAAS_GUEST_COMMAND`` (e.g. a guest agent installed in another virtualenv), or this
-    interpreter's ``-m workers.guestagent run``; ``--config FILE`` is appended."""
-    configured = os.environ.get("DBAAS_GUEST_COMMAND")
-    return shlex.split(configured) if configured else list(DEFAULT_GUEST_COMMAND)
+def instances_root() -> str:
+    return os.path.join(settings.get().var_dir, "instances")
+
+
+def instance_dir(instance_id: str) -> str:
+    # The id becomes a path that destroy removes whole: only a canonical UUID may, never "../x".
+    if not isinstance(instance_id, str) or str(uuid.UUID(instance_id)) != instance_id:
+        raise ValueError(f"not an instance id: {instance_id!r}")
+    return os.path.join(instances_root(), instance_id)
+
+
+def config_path(instance_id: str) -> str:
+    return os.path.join(instance_dir(instance_id), CONFIG_FILE)
 
 
 class LocalDriver(ComputeDriver):
     def __init__(self, command: list[str] | None = None, startup_grace: float = 1.0,
                  stop_timeout: float = 10.0):
-        self.command = command or guest_command()
+        # DBAAS_GUEST_COMMAND, e.g. a guest agent installed in another virtualenv.
+        self.command = command or shlex.split(settings.get().guest_command)
         # A guest that cannot start at all (bad command, unreadable config) dies at once:
         # waiting this long turns that into a fault now rather than a build timeout later.
         self.startup_grace = startup_grace
         self.stop_timeout = stop_timeout
 
-    def spawn(self, instance_id: str, config_path: str) -> None:
-        directory = guests.instance_dir(instance_id)
+    def spawn(self, instance_id: str, config: GuestConfig) -> None:
+        directory = instance_dir(instance_id)
+        os.makedirs(directory, exist_ok=True)
         with _locked(directory):
             if self._running(directory):
                 log.info("guest of %s already runs; not starting another", instance_id)
                 return
-            if not os.path.isfile(config_path):
-                raise SpawnError(f"no guest config at {config_path}")
+            path = os.path.join(directory, CONFIG_FILE)
+            write_config(path, dataclasses.replace(config, data_dir=os.path.join(directory, "data")))
             log_path = os.path.join(directory, LOG_FILE)
             with open(log_path, "ab") as output:
                 try:
                     process = subprocess.Popen(
-                        [*self.command, "--config", config_path], cwd=directory, env=_guest_env(),
+                        [*self.command, "--config", path], cwd=directory, env=_guest_env(),
                         stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                         start_new_session=True)
                 except OSError as exc:
                     raise SpawnError(f"cannot start the guest agent: {exc}") from None
             # Not reaped yet, so its /proc entry exists even if it already exited.
-            _write(os.path.join(directory, PID_FILE), f"{process.pid} {_stat(process.pid).started}")
+            write_atomically(os.path.join(directory, PID_FILE), f"{process.pid} {_stat(process.pid).started}")
             try:
                 status = process.wait(timeout=self.startup_grace)
             except subprocess.TimeoutExpired:
@@ -94,14 +104,13 @@ class LocalDriver(ComputeDriver):
             raise SpawnError(f"the guest agent exited at once with status {status}: {_tail(log_path)}")
 
     def is_running(self, instance_id: str) -> bool:
-        return self._running(guests.instance_dir(instance_id))
+        return self._running(instance_dir(instance_id))
 
     def destroy(self, instance_id: str) -> None:
-        directory = guests.instance_dir(instance_id)
+        directory = instance_dir(instance_id)
         try:
             with _locked(directory):
                 self._stop_guest(directory)
-                _stop_datastore(directory)
                 self._stop_leftovers(directory)
                 shutil.rmtree(directory)
         except InstanceGone:
@@ -109,14 +118,14 @@ class LocalDriver(ComputeDriver):
         log.info("destroyed instance %s", instance_id)
 
     def allocate_endpoint(self, instance_id: str) -> tuple[str, int]:
-        directory = guests.instance_dir(instance_id)
+        directory = instance_dir(instance_id)
         with _locked(directory):
             path = os.path.join(directory, ENDPOINT_FILE)
             if not os.path.exists(path):
                 # One choice at a time on this host, and never a port another instance was
                 # given: its datastore may just be stopped (restarting, crashed).
-                with _locked(guests.instances_root()):
-                    _write(path, str(_free_port(_ports_given())))
+                with _locked(instances_root()):
+                    write_atomically(path, str(_free_port(_ports_given())))
             with open(path) as recorded:
                 return HOST, int(recorded.read())
 
@@ -171,23 +180,9 @@ def _locked(directory: str):
         os.close(fd)
 
 
-def _stop_datastore(directory: str) -> None:
-    """A clean shutdown of a PostgreSQL cluster the guest left running."""
-    try:
-        config = guest_config.load(os.path.join(directory, "guest.json"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if config.datastore != "postgresql" or not config.data_dir:
-        return
-    try:
-        stop_cluster(config.data_dir)
-    except Exception:  # the forced stop of what runs in the directory follows
-        log.exception("stopping the PostgreSQL cluster in %s failed", config.data_dir)
-
-
 def _ports_given() -> set[int]:
     given = set()
-    for path in glob.glob(os.path.join(guests.instances_root(), "*", ENDPOINT_FILE)):
+    for path in glob.glob(os.path.join(instances_root(), "*", ENDPOINT_FILE)):
         with open(path) as recorded:
             given.add(int(recorded.read()))
     return given
@@ -278,13 +273,6 @@ def _guest_env() -> dict:
     env = {name: os.environ[name] for name in GUEST_ENVIRONMENT if name in os.environ}
     env["PYTHONPATH"] = str(PROJECT_ROOT)  # for `-m workers.guestagent` from the guest's own cwd
     return env
-
-
-def _write(path: str, text: str) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as out:
-        out.write(text)
-    os.replace(temporary, path)
 
 
 def _tail(path: str, lines: int = 5) -> str:

@@ -1,0 +1,56 @@
+"""Casts and calls between control-plane roles: Celery messages sent by name, signed with
+the service key by the code that means to send them (never by a publish hook: a message a
+worker publishes because another message asked it to must not carry the service's
+authority).
+
+A call waits for its answer through Celery's ``rpc://`` result backend (a reply queue per
+client thread, managed by kombu). Answers are data, ``{"result": …}`` or
+``{"error": {"kind", "message"}}`` (dbaas.errors), never pickled exceptions.
+"""
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.exceptions import KombuError, OperationalError
+
+from dbaas import errors, settings, signing, wire
+
+
+def service_headers(task_name: str, args: list, kwargs: dict) -> dict:
+    return {wire.AUTH_HEADER: signing.auth_header(
+        signing.SERVICE_PRINCIPAL, settings.get().service_key, task_name, args, kwargs)}
+
+
+class Client:
+    """The sending half of one role's API (``workers/<role>/api.py`` subclasses it)."""
+
+    def __init__(self, app: Celery, timeout: float | None = None):
+        self.app = app
+        self.timeout = settings.get().call_timeout if timeout is None else timeout
+
+    def cast(self, task_name: str, *args, **kwargs) -> None:
+        """Send and return once the broker has the message."""
+        self._send(task_name, list(args), kwargs, ignore_result=True)
+
+    def call(self, task_name: str, *args, **kwargs):
+        """Send and wait for the answer; raise the answer's error, or Unavailable when
+        none came in time. The message expires with the wait, so a request nobody
+        answered is not carried out later behind the caller's back."""
+        result = self._send(task_name, list(args), kwargs, ignore_result=False,
+                            expires=self.timeout)
+        try:
+            reply = result.get(timeout=self.timeout, propagate=False)
+        except CeleryTimeout:
+            raise errors.Unavailable(
+                f"no conductor answered within {self.timeout:g} s: is one running?") from None
+        if not result.successful() or not isinstance(reply, dict):
+            raise errors.DbaasError(f"{task_name} failed in the conductor: {str(reply)[:300]}")
+        if "error" in reply:
+            raise errors.from_reply(reply["error"])
+        return reply.get("result")
+
+    def _send(self, task_name: str, args: list, kwargs: dict, **options):
+        try:
+            return self.app.send_task(task_name, args=args, kwargs=kwargs,
+                                      headers=service_headers(task_name, args, kwargs), **options)
+        except (OperationalError, KombuError, OSError) as exc:
+            raise errors.Unavailable(f"broker unreachable: {exc}") from None

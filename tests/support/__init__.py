@@ -1,0 +1,1 @@
+"""Helpers for tests: private servers for fault tests."""

@@ -1,0 +1,193 @@
+"""Instances: every rule about them, as plain functions taking a session and primitives.
+
+The conductor's tasks decode a message and call these; the CLI and the REST API reach them
+only through ``workers/conductor/api.py``.
+"""
+
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dbaas import wire
+from dbaas.errors import Conflict, InvalidRequest, NotFound
+from dbaas.models import Backup, Instance
+from dbaas.status import api_status, operating_status
+from workers.guestagent.api import DATASTORES
+
+MAX_NAME_LENGTH = 255
+DEFAULT_PROJECT = "default"
+
+
+def validate_name(name, what: str = "instance") -> str:
+    if not isinstance(name, str):
+        raise InvalidRequest(f"{what} name must be a string")
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise InvalidRequest(f"{what} name must be 1 to {MAX_NAME_LENGTH} printable characters")
+    return name
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    return moment.isoformat() + "Z" if moment else None
+
+
+def view(instance: Instance) -> dict:
+    """The record as clients see it: primitives only (it crosses the broker)."""
+    return {
+        "id": instance.id,
+        "name": instance.name,
+        "project_id": instance.tenant_id,
+        "datastore": instance.datastore,
+        "status": api_status(deleted=instance.deleted, task_status=instance.task_status,
+                             service_status=instance.service_status, fault_kind=instance.fault_kind),
+        "operating_status": operating_status(instance.service_status),
+        "service_status": instance.service_status,
+        "task_status": instance.task_status,
+        "last_heartbeat": iso_utc(instance.last_heartbeat),
+        "guest_agent_version": instance.guest_agent_version,
+        "fault": {"kind": instance.fault_kind, "message": instance.fault_message,
+                  "created": iso_utc(instance.fault_at)} if instance.fault_kind else None,
+        "host": instance.host,
+        "port": instance.port,
+        "created": iso_utc(instance.created),
+        "updated": iso_utc(instance.updated),
+    }
+
+
+def get(session: Session, instance_id, project_id: str | None = None, *,
+        for_update: bool = False) -> Instance:
+    """A live instance of the project (any project when None); another project's reads
+    exactly like a missing one."""
+    instance = None
+    if isinstance(instance_id, str) and len(instance_id) <= 64:
+        statement = select(Instance).where(Instance.id == instance_id)
+        instance = session.scalar(statement.with_for_update() if for_update else statement)
+    if instance is None or instance.deleted or project_id not in (None, instance.tenant_id):
+        raise NotFound(f"no instance {str(instance_id)[:64]!r}")
+    return instance
+
+
+def listing(session: Session, project_id: str | None = None) -> list[Instance]:
+    statement = select(Instance).where(Instance.deleted.is_(False))
+    if project_id is not None:
+        statement = statement.where(Instance.tenant_id == project_id)
+    return list(session.scalars(statement.order_by(Instance.created, Instance.id)))
+
+
+def create(session: Session, instance_id: str, name, datastore: str | None,
+           project_id: str) -> tuple[Instance, bool]:
+    """Record an instance in BUILD: (instance, created now).
+
+    Idempotent on ``instance_id``: a retried or redelivered create finds the instance it
+    made and returns it rather than making a second one.
+    """
+    existing = session.get(Instance, instance_id)
+    if existing is not None:
+        if existing.tenant_id != project_id or existing.deleted:
+            raise Conflict(f"instance id {instance_id} is taken")
+        return existing, False
+    name = validate_name(name)
+    datastore = datastore or "sqlite"
+    if datastore not in DATASTORES:
+        raise InvalidRequest(f"unknown datastore {str(datastore)[:32]!r}; choose one of {', '.join(DATASTORES)}")
+    instance = Instance(id=instance_id, name=name, datastore=datastore, tenant_id=project_id,
+                        task_status="BUILDING", credential_generation=1)
+    session.add(instance)
+    session.flush()
+    return instance, True
+
+
+def request_delete(session: Session, instance_id, project_id: str | None = None) -> Instance:
+    """Mark it DELETING; the taskmanager tears it down and reports ``deleted``."""
+    instance = get(session, instance_id, project_id, for_update=True)
+    instance.task_status = "DELETING"
+    return instance
+
+
+def deleted(session: Session, instance_id: str, now: datetime) -> None:
+    """Idempotent: the instance and its backups' records end; its guest's key stops
+    verifying (credentials are live only for a live instance)."""
+    instance = session.get(Instance, instance_id)
+    if instance is None:
+        raise NotFound(f"no instance {instance_id}")
+    if instance.deleted:
+        return
+    instance.deleted, instance.deleted_at, instance.task_status = True, now, "NONE"
+
+
+def reset_status(session: Session, instance_id) -> tuple[Instance, list[str]]:
+    """Take an instance out of ERROR or a stuck task by hand; heartbeats set the rest."""
+    instance = get(session, instance_id, for_update=True)
+    cleared = []
+    if instance.fault_kind:
+        cleared.append(f"cleared fault {instance.fault_kind} ({instance.fault_message})")
+        instance.fault_kind = instance.fault_message = instance.fault_at = None
+    if instance.task_status != "NONE":
+        cleared.append(f"task_status {instance.task_status} -> NONE")
+        instance.task_status = "NONE"
+    if instance.service_status in wire.STICKY_SERVICE_STATUSES:
+        cleared.append(f"cleared service status {instance.service_status!r}")
+        instance.service_status = None
+    return instance, cleared
+
+
+def backups_in_progress(session: Session, instance_id: str) -> bool:
+    return session.scalar(select(Backup.id).where(
+        Backup.instance_id == instance_id, Backup.deleted.is_(False),
+        Backup.state.not_in(wire.FINAL_BACKUP_STATES)).limit(1)) is not None
+
+
+# --- what the taskmanager may set ------------------------------------------------------------
+
+def _text(limit: int | None):
+    def check(value):
+        if value is None or (isinstance(value, str) and (limit is None or len(value) <= limit)):
+            return value
+        raise ValueError(f"a string of at most {limit} characters" if limit else "a string")
+    return check
+
+
+def _service_status(value):
+    if value is None or (isinstance(value, str) and value in wire.SERVICE_STATUSES):
+        return value
+    raise ValueError("a wire status")
+
+
+def _moment(value):
+    """ISO 8601 over JSON; stored as naive UTC like every time."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("an ISO 8601 time")
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def _port(value):
+    if value is None or (type(value) is int and 0 < value < 65536):
+        return value
+    raise ValueError("a port number")
+
+
+UPDATABLE = {
+    "task_status": _text(32), "service_status": _service_status, "fault_kind": _text(32),
+    "fault_message": _text(None), "fault_at": _moment, "host": _text(255), "port": _port,
+}
+
+
+def update(session: Session, instance_id: str, fields: dict) -> None:
+    unknown = set(fields) - UPDATABLE.keys()
+    if unknown:
+        raise InvalidRequest(f"instance fields not updatable: {sorted(map(str, unknown))[:10]}")
+    values = {}
+    for name, value in fields.items():
+        try:
+            values[name] = UPDATABLE[name](value)
+        except ValueError as exc:
+            raise InvalidRequest(f"{name} must be {exc}") from None
+    instance = get(session, instance_id)
+    for name, value in values.items():
+        setattr(instance, name, value)

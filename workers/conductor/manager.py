@@ -1,0 +1,136 @@
+"""The serving half of ``api.py``: one function per call or cast, same names, each taking a
+session and primitives and returning primitives. ``tasks.py`` decodes a message and calls
+one of these inside one transaction; the entity rules live in ``instances.py`` and
+``backups.py``. Work for the taskmanager is handed over only after the transaction
+committed, so the taskmanager never looks for a row that is not there.
+"""
+
+import uuid
+
+from sqlalchemy.orm import Session
+
+from dbaas import db
+from dbaas.celery import app
+from dbaas.errors import InvalidRequest
+from dbaas.models import Instance, utcnow
+from workers.conductor import backups, instances, sweeps
+from workers.taskmanager.api import TaskmanagerAPI
+
+_taskmanager: TaskmanagerAPI | None = None
+
+
+def taskmanager() -> TaskmanagerAPI:
+    global _taskmanager
+    if _taskmanager is None:
+        _taskmanager = TaskmanagerAPI(app)
+    return _taskmanager
+
+
+def new_id(value, what: str) -> str:
+    """A caller-chosen id must be a canonical UUID: it becomes a path and a queue name."""
+    try:
+        if isinstance(value, str) and str(uuid.UUID(value)) == value:
+            return value
+    except ValueError:
+        pass
+    raise InvalidRequest(f"{what} id must be a canonical UUID")
+
+
+# --- instances -------------------------------------------------------------------------------
+
+def instance_create(session: Session, instance_id, name, datastore=None, restore_from=None,
+                    project_id=None) -> dict:
+    instance_id = new_id(instance_id, "instance")
+    project_id = project_id or instances.DEFAULT_PROJECT
+    restore_location = None
+    if restore_from is not None:
+        datastore, restore_location = backups.restore_source(session, restore_from, datastore, project_id)
+    instance, _created = instances.create(session, instance_id, name, datastore, project_id)
+    if instance.task_status == "BUILDING":
+        # Also when a retried create found the instance: handing it over twice is harmless
+        # (the taskmanager's create is idempotent), never handing it over is not.
+        args = (instance.id, instance.datastore, restore_location, instance.credential_generation)
+        db.after_commit(session, lambda: taskmanager().create_instance(*args))
+    return instances.view(instance)
+
+
+def instance_show(session: Session, instance_id, project_id=None) -> dict:
+    return instances.view(instances.get(session, instance_id, project_id))
+
+
+def instance_list(session: Session, project_id=None) -> list[dict]:
+    return [instances.view(i) for i in instances.listing(session, project_id)]
+
+
+def instance_delete(session: Session, instance_id, project_id=None) -> dict:
+    instance = instances.request_delete(session, instance_id, project_id)
+    deleting = instance.id
+    db.after_commit(session, lambda: taskmanager().delete_instance(deleting))
+    return instances.view(instance)
+
+
+def instance_restart(session: Session, instance_id, project_id=None) -> dict:
+    instance = instances.get(session, instance_id, project_id)
+    args = (instance.id, instance.credential_generation)
+    db.after_commit(session, lambda: taskmanager().restart_instance(*args))
+    return instances.view(instance)
+
+
+def instance_reset_status(session: Session, instance_id) -> dict:
+    instance, cleared = instances.reset_status(session, instance_id)
+    return {"instance": instances.view(instance), "cleared": cleared}
+
+
+def instance_update(session: Session, instance_id, fields: dict) -> None:
+    instances.update(session, instance_id, fields)
+
+
+def instance_deleted(session: Session, instance_id) -> None:
+    instances.deleted(session, instance_id, utcnow())
+
+
+# --- backups ---------------------------------------------------------------------------------
+
+def backup_create(session: Session, backup_id, instance_id, name, description=None,
+                  project_id=None) -> dict:
+    backup_id = new_id(backup_id, "backup")
+    backup, _created = backups.create(session, backup_id, instance_id, name, description, project_id)
+    if backup.state == "NEW":
+        generation = session.get(Instance, backup.instance_id).credential_generation
+        args = (backup.id, backup.instance_id, generation)
+        db.after_commit(session, lambda: taskmanager().create_backup(*args))
+    return backups.view(backup)
+
+
+def backup_show(session: Session, backup_id, project_id=None) -> dict:
+    return backups.view(backups.get(session, backup_id, project_id))
+
+
+def backup_list(session: Session, project_id=None, instance_id=None) -> list[dict]:
+    if instance_id is not None:
+        instances.get(session, instance_id, project_id)  # another project's: not found
+    return [backups.view(b) for b in backups.listing(session, project_id, instance_id)]
+
+
+def backup_delete(session: Session, backup_id, project_id=None) -> dict:
+    backup = backups.request_delete(session, backup_id, project_id)
+    args = (backup.id, backup.location)
+    db.after_commit(session, lambda: taskmanager().delete_backup(*args))
+    return backups.view(backup)
+
+
+def backup_fail(session: Session, backup_id, reason) -> None:
+    backups.fail(session, backup_id, reason, utcnow())
+
+
+def backup_deleted(session: Session, backup_id) -> None:
+    backups.deleted(session, backup_id, utcnow())
+
+
+# --- beat ------------------------------------------------------------------------------------
+
+def sweep(session: Session, *, usage_timeout: float, agent_heartbeat_expiry: float,
+          backup_timeout: float) -> dict:
+    return sweeps.sweep(session, utcnow(), usage_timeout=usage_timeout,
+                        agent_heartbeat_expiry=agent_heartbeat_expiry, backup_timeout=backup_timeout)
+
