@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.services import ROOT, project_env
+from tests.support.services import ROOT, project_env
 
 UNREACHABLE = {
     "PostgreSQL": ("DBAAS_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:1/postgres",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import ROOT, project_env
+from tests.support.services import ROOT, project_env
 
 VIEW_KEYS = {"id", "name", "status", "operating_status", "service_status", "last_heartbeat", "fault"}
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import configure
-from tests.services import wait_until
-from tests.taskmanager.conftest import instance_row, processes_of
+from tests.support.stack import configure
+from tests.support.services import wait_until
+from tests.support.stack import instance_row, processes_of
 from workers.guestagent.datastores.postgresql import PostgresqlDatastore
 from workers.taskmanager import guests
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import unavailable
+from tests.support.services import unavailable
 from workers.guestagent.datastores import postgresql
 
 

@@ -15,9 +15,9 @@ from dbaas import db
 from dbaas.instances import create_instance
 from dbaas.models import Backup, Instance
 from dbaas.storage import LocalStorage
-from tests.conductor.test_conductor_processes import make_backup, stack  # noqa: F401  (a fixture)
-from tests.guestagent.test_datastores import contents, fill
-from tests.services import ROOT, project_env, wait_until
+from tests.support.stack import make_backup
+from tests.workers.guestagent.test_datastores import contents, fill
+from tests.support.services import ROOT, project_env, wait_until
 from workers.guestagent import commands
 from workers.guestagent import config as guest_config
 from workers.guestagent.agent import GB

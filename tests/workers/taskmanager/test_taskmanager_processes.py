@@ -14,8 +14,8 @@ from kombu import Connection
 
 from dbaas import db
 from dbaas.models import Backup
-from tests.services import ROOT, wait_until
-from tests.taskmanager.conftest import instance_row, processes_of
+from tests.support.services import ROOT, wait_until
+from tests.support.stack import instance_row, processes_of
 from workers.guestagent import config as guest_config
 from workers.guestagent.commands import command_queue, verify_command
 from workers.taskmanager import guests

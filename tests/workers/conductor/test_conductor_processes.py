@@ -17,8 +17,8 @@ import dbaas.broker
 from dbaas import db, migrations, wire
 from dbaas.instances import create_instance
 from dbaas.models import Backup, Instance, Watermark
-from tests.conftest import configure
-from tests.services import ROOT, Worker, wait_until
+from tests.support.stack import configure
+from tests.support.services import ROOT, Worker, wait_until
 from workers.guestagent import config as guest_config
 from workers.guestagent.client import guest_app, send_signed
 

@@ -4,8 +4,8 @@ layer, nor the conductor (which is made of it)."""
 import subprocess
 import sys
 
-from tests.guestagent.test_guest_imports import loaded_after
-from tests.services import ROOT, project_env
+from tests.workers.guestagent.test_guest_imports import loaded_after
+from tests.support.services import ROOT, project_env
 
 DATABASE_LAYER = ("sqlalchemy", "psycopg2", "alembic", "dbaas.db", "dbaas.models", "dbaas.instances",
                   "dbaas.migrations", "workers.conductor")

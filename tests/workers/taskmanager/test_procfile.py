@@ -12,7 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from tests.services import ROOT, project_env, wait_until
+from tests.support.services import ROOT, project_env, wait_until
 
 
 def free_port() -> int:

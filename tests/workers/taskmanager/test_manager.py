@@ -10,8 +10,8 @@ import pytest
 from kombu import Connection
 
 from dbaas.storage import LocalStorage
-from tests.conftest import configure
-from tests.taskmanager.conftest import SLEEP, processes_of
+from tests.support.stack import configure
+from tests.support.stack import SLEEP, processes_of
 from workers.guestagent import config as guest_config
 from workers.guestagent.commands import command_queue, verify_command
 from workers.taskmanager import guests

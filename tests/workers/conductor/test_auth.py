@@ -13,7 +13,7 @@ from kombu.utils import json as kombu_json
 
 from dbaas import db, instances, settings, signing, wire
 from dbaas.models import GuestCredential, Instance
-from tests.conftest import configure
+from tests.support.stack import configure
 from workers.conductor import auth
 from workers.conductor.messages import MessageRejected
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import configure
-from tests.services import wait_until
-from tests.taskmanager.conftest import SLEEP, processes_of
+from tests.support.stack import configure
+from tests.support.services import wait_until
+from tests.support.stack import SLEEP, processes_of
 from workers.guestagent import config as guest_config
 from workers.taskmanager import guests
 from workers.taskmanager.compute import SpawnError, get_driver

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.services import ROOT, project_env
+from tests.support.services import ROOT, project_env
 
 FORBIDDEN = ("sqlalchemy", "psycopg2", "alembic", "dbaas.db", "dbaas.models", "dbaas.celery")
 

@@ -8,7 +8,7 @@ from sqlalchemy import inspect, text
 
 from dbaas import db, migrations
 from dbaas.models import Base
-from tests.conftest import configure
+from tests.support.stack import configure
 
 TABLES = {"instances", "backups", "watermarks", "guest_credentials"}
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tests.conductor.test_conductor_processes import stack  # noqa: F401  (fixture)
-from tests.services import ROOT, wait_until
-from tests.taskmanager.conftest import SLEEP, Running, instance_row, processes_of
+
+from tests.support.services import ROOT, wait_until
+from tests.support.stack import SLEEP, Running, instance_row, processes_of
 from workers.taskmanager import guests
 from workers.taskmanager.compute.local import LocalDriver
 
