@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tests/support/services.py)
 PG_ADMIN_URL = os.environ.get("DBAAS_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 AMQP_HOST = os.environ.get("DBAAS_TEST_AMQP_HOST", "127.0.0.1:5672")
 
