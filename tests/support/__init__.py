@@ -1,1 +1,1 @@
-"""Helpers for tests: private servers for fault tests."""
+"""Support code for the tests."""

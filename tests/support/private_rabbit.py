@@ -26,13 +26,10 @@ RABBIT_BIN = Path(os.environ.get("DBAAS_TEST_RABBIT_BIN", "/usr/lib/rabbitmq/bin
 RUN_AS = "rabbitmq" if os.geteuid() == 0 else None
 
 
-def free_port(below: int = 65536) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < below:
-            return port
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _pids_with_env(marker: bytes) -> list[int]:
@@ -56,7 +53,8 @@ class RabbitNode:
         self.port = free_port()
         self.dist_port = free_port()
         self.management_port = free_port() if management else None
-        self.dir = Path(tempfile.mkdtemp(prefix="rmq-"))
+        # Under /tmp itself: the rabbitmq user must reach it (a TMPDIR may be root-only).
+        self.dir = Path(tempfile.mkdtemp(prefix="rmq-", dir="/tmp"))
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
         (self.dir / "rabbitmq.conf").write_text(
@@ -135,7 +133,7 @@ class RabbitNode:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self, timeout: float = 90) -> "RabbitNode":
-        """Start the node and wait until it accepts AMQP as guest."""
+        """Start the node; returns once it accepts AMQP as guest (and HTTP, with management)."""
         assert not self.running, f"{self.node} already runs"
         began = time.monotonic()
         env = {**self._env(), "DBAAS_TEST_RABBIT_NODE": self.node}
@@ -151,6 +149,8 @@ class RabbitNode:
                                         password="guest", connect_timeout=2)
                 probe.connect()
                 probe.close()
+                if self.management:  # its HTTP listener may come up after AMQP's
+                    socket.create_connection(("127.0.0.1", self.management_port), 2).close()
                 break
             except Exception as exc:  # refused, reset or not yet booted
                 error = exc
@@ -256,7 +256,7 @@ class RabbitCluster:
 
     def queue_leader(self, queue: str, vhost: str = "/") -> RabbitNode:
         """The node that leads the quorum queue, asked of any running member."""
-        out = self.running_nodes[0].ctl("list_queues", "-p", vhost, "name", "leader", "type",
+        out = self.running_nodes[0].ctl("list_queues", "-p", vhost, "name", "leader",
                                         "--formatter", "json")
         for row in json.loads(out):
             if row["name"] == queue:

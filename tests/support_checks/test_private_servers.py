@@ -100,8 +100,12 @@ def test_private_postgres_keeps_data_across_restart_and_crash():
         with psycopg2.connect(url) as conn, conn.cursor() as cur:
             cur.execute("INSERT INTO smoke (note) VALUES ('before crash')")
         conn.close()
+        connected = psycopg2.connect(url)  # a client connected through the crash
         server.kill()
         assert server.postmaster_pid() is None and not processes_using(server.base)
+        with pytest.raises(psycopg2.OperationalError):
+            connected.cursor().execute("SELECT 1")
+        connected.close()
         server.start()
         print(f"postgres start after SIGKILL (crash recovery): {server.start_seconds:.2f}s")
         assert rows(url) == ["before restart", "before crash"]
