@@ -1,0 +1,158 @@
+"""The conductor is the single entry point for database work: every other process — the
+taskmanager, beat, Flower, the CLI (but ``db``), guests — runs with a database URL that
+leads nowhere and never even imports the database layer, and the whole lifecycle works."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import ROOT, Worker, wait_until
+from tests.support.stack import Running
+
+GUARD_DIR = Path(__file__).parent / "support" / "import_guard"
+DATABASE_LAYER = "sqlalchemy,psycopg2,alembic,dbaas.db,dbaas.models,dbaas.migrations"
+
+
+def guarded(env: dict, log: Path) -> dict:
+    """``env`` for a process that must not load the database layer; attempts go to ``log``."""
+    return {**env, "PYTHONPATH": f"{GUARD_DIR}{os.pathsep}{env['PYTHONPATH']}",
+            "DBAAS_TEST_FORBIDDEN_IMPORTS": DATABASE_LAYER, "DBAAS_TEST_IMPORT_LOG": str(log)}
+
+
+def test_the_guard_sees_an_import_even_when_it_is_swallowed(tmp_path):
+    """Guard against a vacuous pass."""
+    log = tmp_path / "imports.log"
+    env = guarded({"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]}, log)
+    subprocess.run([sys.executable, "-c", "try:\n import sqlalchemy\nexcept ImportError:\n pass"],
+                   env=env, check=True, timeout=60)
+    assert "imported sqlalchemy" in log.read_text()
+
+
+class Process:
+    """A control-plane process other than a worker (beat, Flower)."""
+
+    def __init__(self, args: list[str], env: dict, log_path: Path):
+        self.log_path = log_path
+        with open(log_path, "ab") as out:
+            self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=20)
+
+
+def test_the_whole_lifecycle_with_only_the_conductor_holding_the_database(stack, tmp_path):
+    imports = tmp_path / "imports.log"
+    imports.touch()
+    system = Running(stack, guest_command=None)
+    system.client_env = guarded({**system.client_env, "DBAAS_SWEEP_INTERVAL": "1"}, imports)
+    system.taskmanager = Worker(system.client_env, tmp_path / "taskmanager.log", queue="trove-taskmanager")
+    system.start()
+    beat = Process([sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
+                    "-s", str(tmp_path / "beat-schedule")], system.client_env, tmp_path / "beat.log")
+    try:
+        created = system.ok("instance", "create", "db1", "--wait", "--timeout", "120", "--json")
+        assert created["status"] == "ACTIVE"
+        instance_id = created["id"]
+        assert system.ok("instance", "show", instance_id, "--json")["status"] == "ACTIVE"
+        assert [i["id"] for i in system.ok("instance", "list", "--json")] == [instance_id]
+
+        backup = system.ok("backup", "create", instance_id, "nightly", "--wait", "--timeout", "120", "--json")
+        assert backup["state"] == "COMPLETED" and backup["size"] > 0
+        assert system.ok("backup", "show", backup["id"], "--json")["checksum"] == backup["checksum"]
+        assert [b["id"] for b in system.ok("backup", "list", "--json")] == [backup["id"]]
+
+        copy = system.ok("instance", "create", "copy", "--restore-from", backup["id"], "--wait",
+                         "--timeout", "120", "--json")
+        assert copy["status"] == "ACTIVE" and copy["datastore"] == created["datastore"]
+
+        assert f"restarting instance {instance_id}" in system.ok("instance", "restart", instance_id)
+        wait_until(lambda: "command restart done" in
+                   (Path(system.env["DBAAS_VAR_DIR"]) / "instances" / instance_id / "guest.log").read_text(),
+                   timeout=60, message="the guest's restart")
+        wait_until(lambda: system.ok("instance", "show", instance_id, "--json")["status"] == "ACTIVE",
+                   timeout=60, message="ACTIVE after the restart")
+        assert "nothing to reset" in system.ok("instance", "reset-status", instance_id)
+
+        wait_until(lambda: re.search(r"conductor\.sweep\[[^\]]+\] succeeded", system.conductor.log()),
+                   timeout=60, message="a sweep sent by beat")
+
+        system.ok("backup", "delete", backup["id"])
+        for doomed in (copy["id"], instance_id):
+            system.ok("instance", "delete", doomed)
+        wait_until(lambda: system.ok("instance", "list", "--json") == [], timeout=120,
+                   message="both instances deleted")
+        wait_until(lambda: system.ok("backup", "list", "--json") == [], timeout=60,
+                   message="the backup deleted")
+        assert imports.read_text() == ""
+        assert beat.process.poll() is None, beat.log()
+    finally:
+        beat.stop()
+        system.stop()
+
+
+def test_flower_loads_no_database_layer(stack, tmp_path):
+    imports = tmp_path / "imports.log"
+    imports.touch()
+    port = 20000 + os.getpid() % 10000
+    env = guarded({**stack.client_env(), "FLOWER_UNAUTHENTICATED_API": "true"}, imports)
+    flower = Process([sys.executable, "-m", "celery", "-A", "dbaas", "flower", f"--port={port}",
+                      "--address=127.0.0.1"], env, tmp_path / "flower.log")
+    try:
+        wait_until(lambda: "Visit me at" in flower.log() or flower.process.poll() is not None,
+                   timeout=60, message="Flower up")
+        time.sleep(2)  # it inspects the broker once started
+        assert flower.process.poll() is None, flower.log()
+        assert imports.read_text() == ""
+    finally:
+        flower.stop()
+
+
+@pytest.mark.parametrize("args", [
+    ["instance", "list"], ["instance", "show", "x"], ["instance", "create", "x"],
+    ["instance", "delete", "x"], ["instance", "restart", "x"], ["instance", "reset-status", "x"],
+    ["backup", "list"], ["backup", "show", "x"], ["backup", "create", "x", "y"], ["backup", "delete", "x"],
+    ["settings"],
+])
+def test_no_cli_command_but_db_loads_the_database_layer(tmp_path, args):
+    imports = tmp_path / "imports.log"
+    imports.touch()
+    env = guarded({"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"], "DBAAS_VAR_DIR": str(tmp_path),
+                   "DBAAS_CALL_TIMEOUT": "0.5",
+                   "DBAAS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/no-such-database"}, imports)
+    result = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr
+    if args != ["settings"]:
+        assert result.stderr.strip() == "error: no conductor answered within 0.5 s: is one running?"
+    assert imports.read_text() == ""
+
+
+def test_procfile_gives_the_database_url_to_the_conductor_only():
+    lines = [line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    for name, command in lines:
+        if name == "conductor":
+            assert "-Q trove-conductor" in command
+        else:
+            assert command.strip().startswith("env -u DBAAS_DATABASE_URL "), (name, command)
+    # scripts/run: only `manage.py db` keeps the URL; every other manage.py goes without.
+    for line in (ROOT / "scripts" / "run").read_text().splitlines():
+        if "python manage.py" in line and not line.lstrip().startswith(("#", "echo")) \
+                and "manage.py db" not in line:
+            assert "without_database python manage.py" in line, line
