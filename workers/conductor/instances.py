@@ -89,7 +89,7 @@ def create(session: Session, instance_id: str, name, datastore: str | None,
         return existing, False
     name = validate_name(name)
     datastore = datastore or "sqlite"
-    if datastore not in DATASTORES:
+    if not isinstance(datastore, str) or datastore not in DATASTORES:
         raise InvalidRequest(f"unknown datastore {str(datastore)[:32]!r}; choose one of {', '.join(DATASTORES)}")
     instance = Instance(id=instance_id, name=name, datastore=datastore, tenant_id=project_id,
                         task_status="BUILDING", credential_generation=1)
