@@ -10,7 +10,8 @@ from dbaas import db, migrations
 from dbaas.models import Base
 from tests.support.stack import configure
 
-TABLES = {"instances", "backups", "watermarks", "guest_credentials"}
+TABLES = {"instances", "backups", "watermarks"}
+HEAD = "0002"
 
 
 @pytest.fixture
@@ -51,7 +52,8 @@ def test_upgrade_creates_the_tables(empty_database):
     migrations.upgrade()
     tables = schema(empty_database)
     assert set(tables) == TABLES | {"alembic_version"}
-    assert revision(empty_database) == ["0001"]
+    assert revision(empty_database) == [HEAD]
+    assert ("credential_generation", "INTEGER", False) in tables["instances"]["columns"]
     assert ("ix_instances_last_heartbeat", ("last_heartbeat",)) in tables["instances"]["indexes"]
     assert ("ix_backups_state_created", ("state", "created")) in tables["backups"]["indexes"]
     assert (("instance_id",), "instances") in tables["backups"]["foreign_keys"]
@@ -65,7 +67,7 @@ def test_second_upgrade_is_a_no_op(empty_database):
     before = schema(empty_database)
     migrations.upgrade()
     assert schema(empty_database) == before
-    assert revision(empty_database) == ["0001"]
+    assert revision(empty_database) == [HEAD]
     with empty_database.connect() as connection:
         assert connection.execute(text("SELECT kind, key, sent FROM watermarks")).all() == [("heartbeat", "k", 1.5)]
 
@@ -82,3 +84,65 @@ def test_downgrade_to_base_and_back(empty_database):
     assert set(inspect(empty_database).get_table_names()) == {"alembic_version"}
     migrations.upgrade()
     assert schema(empty_database) == migrated
+
+
+# --- 0001 -> 0002: guest credentials derived instead of stored ------------------------------
+
+INSTANCE = "11111111-1111-1111-1111-111111111111"
+BACKUP = "22222222-2222-2222-2222-222222222222"
+
+
+def rows(engine, query: str) -> list:
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(text(query))]
+
+
+def fill_0001(engine) -> None:
+    """What a database in use at revision 0001 holds: an instance with a stored guest
+    secret and a backup of it."""
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO instances (id, name, tenant_id, datastore, task_status, created, updated, deleted) "
+            "VALUES (:id, 'db', 'p1', 'sqlite', 'NONE', '2030-01-01 00:00:00', '2030-01-01 00:00:00', :false)"),
+            {"id": INSTANCE, "false": False})
+        connection.execute(text(
+            "INSERT INTO backups (id, instance_id, tenant_id, name, state, created, updated, deleted) "
+            "VALUES (:id, :instance, 'p1', 'nightly', 'COMPLETED', '2030-01-01 00:00:00', "
+            "'2030-01-01 00:00:00', :false)"), {"id": BACKUP, "instance": INSTANCE, "false": False})
+        connection.execute(text(
+            "INSERT INTO guest_credentials (instance_id, secret, created) "
+            "VALUES (:id, :secret, '2030-01-01 00:00:00')"), {"id": INSTANCE, "secret": "s" * 64})
+
+
+def test_0001_to_0002_upgrade_and_downgrade_keep_the_data(empty_database):
+    migrations.upgrade("0001")
+    assert revision(empty_database) == ["0001"]
+    at_0001 = schema(empty_database)
+    assert "guest_credentials" in at_0001
+    assert "credential_generation" not in [c[0] for c in at_0001["instances"]["columns"]]
+    fill_0001(empty_database)
+
+    migrations.upgrade("0002")
+    assert revision(empty_database) == ["0002"]
+    upgraded = schema(empty_database)
+    assert set(upgraded) == TABLES | {"alembic_version"}  # stored secrets are gone
+    assert ("credential_generation", "INTEGER", False) in upgraded["instances"]["columns"]
+    # Existing instances start at generation 1; nothing else of theirs changes.
+    assert rows(empty_database, "SELECT id, name, tenant_id, credential_generation FROM instances") == [
+        (INSTANCE, "db", "p1", 1)]
+    assert rows(empty_database, "SELECT id, instance_id, state FROM backups") == [
+        (BACKUP, INSTANCE, "COMPLETED")]
+    assert differences(empty_database) == []
+
+    command.downgrade(migrations.alembic_config(), "0001")
+    assert revision(empty_database) == ["0001"]
+    assert schema(empty_database) == at_0001
+    assert rows(empty_database, "SELECT id, name, tenant_id FROM instances") == [(INSTANCE, "db", "p1")]
+    assert rows(empty_database, "SELECT id, instance_id, state FROM backups") == [
+        (BACKUP, INSTANCE, "COMPLETED")]
+    # The secrets were never kept: a downgraded guest needs its config written anew.
+    assert rows(empty_database, "SELECT * FROM guest_credentials") == []
+
+    migrations.upgrade()
+    assert schema(empty_database) == upgraded
+    assert rows(empty_database, "SELECT id, credential_generation FROM instances") == [(INSTANCE, 1)]

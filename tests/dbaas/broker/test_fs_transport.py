@@ -13,8 +13,7 @@ from celery import Celery
 from kombu import Connection, Exchange, Queue
 
 from dbaas.broker import broker_url_for
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.services import ROOT as REPO
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,64 +1,78 @@
-"""Message authentication: dbaas.signing and workers.conductor.auth."""
+"""Who sent a message (workers.conductor.auth): signatures checked without the database,
+then whether the sender's instance and credential generation are still live.
 
-import json
-import stat
-import sys
-import threading
+The pure signing functions (derivation, headers, canonical form) are tested in
+tests/dbaas/test_signing.py; the generated service key in tests/dbaas/test_settings.py.
+"""
+
 import time
 import uuid
-from datetime import datetime
 
 import pytest
-from kombu.utils import json as kombu_json
+from sqlalchemy import event
 
-from dbaas import db, instances, settings, signing, wire
-from dbaas.models import GuestCredential, Instance
-from tests.support.stack import configure
-from workers.conductor import auth
+from dbaas import db, signing, wire
+from dbaas.models import Instance
+from tests.support.stack import SERVICE_KEY, configure
+from workers.conductor import api, auth
 from workers.conductor.messages import MessageRejected
 
-SERVICE_KEY = "test-service-key"
-CRUD_TASK = "conductor.instance_update"
+CRUD_TASK = api.INSTANCE_UPDATE
 A, B = str(uuid.uuid4()), str(uuid.uuid4())
-SECRETS = {A: "a" * 64, B: "b" * 64}
+
+
+def secret(instance_id: str, generation: int = 1) -> str:
+    return signing.guest_secret(SERVICE_KEY, instance_id, generation)
 
 
 @pytest.fixture
 def service_settings(monkeypatch, tmp_path):
-    """Settings with a known service key; no database needed."""
-    return configure(monkeypatch, DBAAS_VAR_DIR=str(tmp_path / "var"), DBAAS_SERVICE_KEY=SERVICE_KEY)
+    """Settings with a known service key and a database URL nobody can reach: verify()
+    must not need it."""
+    config = configure(monkeypatch, DBAAS_VAR_DIR=str(tmp_path / "var"), DBAAS_SERVICE_KEY=SERVICE_KEY,
+                       DBAAS_DATABASE_URL="postgresql://nobody@127.0.0.1:1/no-such-database")
+
+    def no_database(*_args, **_kwargs):
+        raise AssertionError("auth.verify used the database")
+    monkeypatch.setattr(db, "engine", no_database)
+    monkeypatch.setattr(db, "session_scope", no_database)
+    return config
 
 
 def heartbeat_args(instance_id: str) -> list:
     return [instance_id, {"service_status": "running"}, time.time()]
 
 
-def guest_header(claimed: str, task: str, args, kwargs=None, key: str | None = None) -> dict:
-    """A header naming instance ``claimed``, signed with ``key`` (default: its own secret)."""
-    return signing.auth_header(signing.instance_principal(claimed), key or SECRETS[claimed],
-                               task, args, kwargs or {})
+def guest_header(claimed: str, task: str, args, kwargs=None, key: str | None = None,
+                 generation: int = 1) -> dict:
+    """A header naming instance ``claimed`` and ``generation``, signed with ``key``
+    (default: that generation's derived secret)."""
+    return signing.auth_header(signing.instance_principal(claimed), key or secret(claimed, generation),
+                               task, args, kwargs or {}, generation=generation)
 
 
 def service_header(task: str, args, kwargs=None, key: str = SERVICE_KEY) -> dict:
     return signing.auth_header(signing.SERVICE_PRINCIPAL, key, task, args, kwargs or {})
 
 
-def authenticate(task, args, kwargs, header):
-    return auth.authenticate(task, args, kwargs, header, SECRETS)
-
-
 def refused(task, args, kwargs, header, match=None) -> str:
     with pytest.raises(MessageRejected, match=match) as info:
-        authenticate(task, args, kwargs, header)
+        auth.verify(task, args, kwargs, header)
     return str(info.value)
 
 
-# --- guest principals ----------------------------------------------------------------------
+# --- guest principals (no database) --------------------------------------------------------
 
 @pytest.mark.parametrize("task", sorted(wire.GUEST_TASKS))
 def test_instance_signature_verifies_for_its_own_instance(service_settings, task):
     args = heartbeat_args(A)
-    assert authenticate(task, args, {}, guest_header(A, task, args)) == auth.Principal(instance_id=A)
+    assert auth.verify(task, args, {}, guest_header(A, task, args)) == auth.Principal(instance_id=A, generation=1)
+
+
+def test_principal_carries_the_claimed_generation(service_settings):
+    args = heartbeat_args(A)
+    principal = auth.verify(wire.HEARTBEAT_TASK, args, {}, guest_header(A, wire.HEARTBEAT_TASK, args, generation=4))
+    assert principal == auth.Principal(instance_id=A, generation=4) and not principal.is_service
 
 
 def test_signature_of_a_verifies_only_for_a(service_settings):
@@ -68,7 +82,15 @@ def test_signature_of_a_verifies_only_for_a(service_settings):
     forged = dict(header, principal=signing.instance_principal(B))
     refused(wire.HEARTBEAT_TASK, args, {}, forged, match="does not verify")
     # Claiming A but signed with B's secret.
-    refused(wire.HEARTBEAT_TASK, args, {}, guest_header(A, wire.HEARTBEAT_TASK, args, key=SECRETS[B]),
+    refused(wire.HEARTBEAT_TASK, args, {}, guest_header(A, wire.HEARTBEAT_TASK, args, key=secret(B)),
+            match="does not verify")
+
+
+def test_signature_of_one_generation_verifies_only_for_it(service_settings):
+    args = heartbeat_args(A)
+    refused(wire.HEARTBEAT_TASK, args, {}, dict(guest_header(A, wire.HEARTBEAT_TASK, args), gen=2),
+            match="does not verify")
+    refused(wire.HEARTBEAT_TASK, args, {}, guest_header(A, wire.HEARTBEAT_TASK, args, key=secret(A, 2)),
             match="does not verify")
 
 
@@ -81,8 +103,8 @@ def test_own_credentials_for_another_instance_id_are_refused(service_settings):
 
 def test_instance_id_as_keyword_is_bound_to_the_sender(service_settings):
     own = {"instance_id": A, "payload": {}, "sent": time.time()}
-    assert authenticate(wire.HEARTBEAT_TASK, [], own,
-                        guest_header(A, wire.HEARTBEAT_TASK, [], own)).instance_id == A
+    assert auth.verify(wire.HEARTBEAT_TASK, [], own,
+                       guest_header(A, wire.HEARTBEAT_TASK, [], own)).instance_id == A
     other = {**own, "instance_id": B}
     refused(wire.HEARTBEAT_TASK, [], other, guest_header(A, wire.HEARTBEAT_TASK, [], other),
             match="does not match")
@@ -118,8 +140,11 @@ def test_added_kwarg_is_refused(service_settings):
     {"v": 1, "principal": "service", "mac": "0" * 63},
     {"v": 1, "principal": "service", "mac": 7},
     {"v": 1, "principal": 5, "mac": "0" * 64},
-    {"v": 1, "principal": "instance:" + "x" * 100, "mac": "0" * 64},
+    {"v": 1, "principal": "instance:" + "x" * 100, "mac": "0" * 64, "gen": 1},
     {"v": 1, "principal": "admin", "mac": "0" * 64},
+    {"v": 1, "principal": f"instance:{A}", "mac": "0" * 64},             # no generation
+    {"v": 1, "principal": f"instance:{A}", "mac": "0" * 64, "gen": 0},
+    {"v": 1, "principal": f"instance:{A}", "mac": "0" * 64, "gen": "1"},
 ], ids=lambda h: repr(h)[:40])
 def test_missing_or_malformed_header_is_refused(service_settings, header):
     args = heartbeat_args(A)
@@ -127,11 +152,13 @@ def test_missing_or_malformed_header_is_refused(service_settings, header):
     refused(CRUD_TASK, [A], {"task_status": "NONE"}, header, match="unauthenticated")
 
 
-def test_instance_without_credentials_is_refused(service_settings):
+def test_instance_key_not_derived_from_the_service_key_is_refused(service_settings):
+    """Whatever a guest invents, only the service key's derivation verifies."""
     unknown = str(uuid.uuid4())
     args = heartbeat_args(unknown)
-    header = signing.auth_header(signing.instance_principal(unknown), "k" * 64, wire.HEARTBEAT_TASK, args, {})
-    refused(wire.HEARTBEAT_TASK, args, {}, header, match="no credentials")
+    for key in ("k" * 64, signing.guest_secret("another-service-key", unknown, 1), SERVICE_KEY):
+        refused(wire.HEARTBEAT_TASK, args, {}, guest_header(unknown, wire.HEARTBEAT_TASK, args, key=key),
+                match="does not verify")
 
 
 def test_non_json_arguments_are_refused(service_settings):
@@ -149,10 +176,14 @@ def test_arguments_that_are_a_mapping_are_refused(service_settings):
 
 # --- service principal ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", [CRUD_TASK, "conductor.backup_create"])
-def test_service_key_works_for_crud_tasks(service_settings, task):
+CONTROL_TASKS = [CRUD_TASK, api.BACKUP_CREATE, api.INSTANCE_CREATE, api.INSTANCE_DELETED, api.SWEEP]
+
+
+@pytest.mark.parametrize("task", CONTROL_TASKS)
+def test_service_key_works_for_control_tasks(service_settings, task):
     args, kwargs = [A], {"task_status": "NONE"}
-    assert authenticate(task, args, kwargs, service_header(task, args, kwargs)) is auth.SERVICE
+    principal = auth.verify(task, args, kwargs, service_header(task, args, kwargs))
+    assert principal == auth.SERVICE and principal.is_service
 
 
 @pytest.mark.parametrize("task", sorted(wire.GUEST_TASKS))
@@ -167,74 +198,41 @@ def test_wrong_service_key_is_refused(service_settings):
             match="does not verify")
 
 
-@pytest.mark.parametrize("task", [CRUD_TASK, "conductor.backup_create", "celery.chord_unlock"])
-def test_instance_credentials_are_refused_for_crud_tasks(service_settings, task):
+@pytest.mark.parametrize("task", [*CONTROL_TASKS, "celery.chord_unlock"])
+def test_instance_credentials_are_refused_for_control_tasks(service_settings, task):
     args, kwargs = [A], {"task_status": "NONE"}
     refused(task, args, kwargs, guest_header(A, task, args, kwargs), match="may not call")
 
 
 def test_instance_secret_used_as_service_principal_is_refused(service_settings):
     args, kwargs = [A], {"task_status": "NONE"}
-    refused(CRUD_TASK, args, kwargs, service_header(CRUD_TASK, args, kwargs, key=SECRETS[A]),
+    refused(CRUD_TASK, args, kwargs, service_header(CRUD_TASK, args, kwargs, key=secret(A)),
             match="does not verify")
 
 
-# --- canonical form ------------------------------------------------------------------------
+# --- live credentials in the database ------------------------------------------------------
 
-def reordered(value):
-    """The same JSON value with every mapping's keys in reverse insertion order."""
-    if isinstance(value, dict):
-        return {key: reordered(value[key]) for key in reversed(list(value))}
-    if isinstance(value, list):
-        return [reordered(item) for item in value]
-    return value
-
-
-ROUND_TRIPS = {
-    "stdlib": lambda v: json.loads(json.dumps(v)),
-    "stdlib-utf8": lambda v: json.loads(json.dumps(v, ensure_ascii=False).encode("utf-8")),
-    "kombu": lambda v: kombu_json.loads(kombu_json.dumps(v)),
-    "reordered": lambda v: reordered(json.loads(json.dumps(v))),
-}
-
-
-@pytest.mark.parametrize("round_trip", sorted(ROUND_TRIPS))
-def test_canonical_form_survives_a_json_round_trip(round_trip):
-    args = [A, {"z": 1, "a": {"y": [1, 2.5, None, True], "b": "héllo ☃ 日本 \U0001F600"},
-                "m": {"3": 3, "1": 1, "2": 2}}, time.time()]
-    kwargs = {"zeta": 0.1 + 0.2, "alpha": "naïve", "nested": {"q": [{"k": 1e-7, "j": 1e21}]}}
-    decoded_args, decoded_kwargs = ROUND_TRIPS[round_trip]([args, kwargs])
-    assert signing.canonical("t", decoded_args, decoded_kwargs) == signing.canonical("t", args, kwargs)
-    header = signing.auth_header("service", "k", "t", args, kwargs)
-    signing.verify("k", header["mac"], "t", decoded_args, decoded_kwargs)
-
-
-def test_canonical_form_is_the_same_for_tuples_and_lists():
-    assert signing.canonical("t", (A, 1.5), {}) == signing.canonical("t", [A, 1.5], {})
-
-
-def test_canonical_form_distinguishes_task_args_and_kwargs():
-    forms = {signing.canonical("t", [1], {}), signing.canonical("u", [1], {}),
-             signing.canonical("t", [], {"1": 1}), signing.canonical("t", [1.0000001], {})}
-    assert len(forms) == 4
-
-
-# --- credentials in the database -----------------------------------------------------------
-
-def create_instances(*names) -> list[tuple[str, str]]:
+def create_instances(count: int) -> list[str]:
     def work(session):
-        created = [instances.create_instance(session, name) for name in names]
-        return [(instance.id, secret) for instance, secret in created]
+        made = [Instance(name=f"db-{n}", credential_generation=1) for n in range(count)]
+        session.add_all(made)
+        session.flush()
+        return [i.id for i in made]
     return db.run_transaction(work)
 
 
+def create_instance_with_id(instance_id: str) -> None:
+    db.run_transaction(lambda session: session.add(Instance(id=instance_id, name="late")))
+
+
 def lookup(cache, ids) -> dict:
-    return db.run_transaction(lambda session: cache.secrets(session, set(ids)))
+    return db.run_transaction(lambda session: cache.generations(session, set(ids)))
 
 
-def revoke(instance_id):
+def rotate(instance_id):
+    """A new credential generation: the old secret stops verifying."""
     def work(session):
-        session.get(GuestCredential, instance_id).revoked_at = datetime(2024, 1, 1)
+        session.get(Instance, instance_id).credential_generation += 1
     db.run_transaction(work)
 
 
@@ -244,101 +242,150 @@ def delete(instance_id):
     db.run_transaction(work)
 
 
-def test_credential_cache_returns_only_live_credentials(control_plane):
-    (live, live_secret), (revoked, _), (deleted, _) = create_instances("live", "revoked", "deleted")
-    revoke(revoked)
+class Queries:
+    """The statements this process sends to the database."""
+
+    def __init__(self):
+        self.statements: list[str] = []
+
+    def __call__(self, _conn, _cursor, statement, *_args, **_kwargs):
+        self.statements.append(statement)
+
+    @property
+    def count(self) -> int:
+        return len(self.statements)
+
+    def credential_reads(self, since: int = 0) -> int:
+        return sum("credential_generation" in s and s.lstrip().upper().startswith("SELECT")
+                   for s in self.statements[since:])
+
+
+@pytest.fixture
+def queries(control_plane):
+    counter = Queries()
+    event.listen(db.engine(), "before_cursor_execute", counter)
+    yield counter
+    event.remove(db.engine(), "before_cursor_execute", counter)
+
+
+def test_live_credentials_are_the_generation_of_live_instances_only(control_plane):
+    live, rotated, deleted = create_instances(3)
+    rotate(rotated)
     delete(deleted)
     unknown = str(uuid.uuid4())
-    assert lookup(auth.CredentialCache(ttl=60), [live, revoked, deleted, unknown]) == {live: live_secret}
+    assert lookup(auth.LiveCredentials(ttl=60), [live, rotated, deleted, unknown]) == {
+        live: 1, rotated: 2, deleted: None, unknown: None}
 
 
-def test_credential_cache_keeps_a_revoked_secret_for_its_ttl_only(control_plane):
-    [(instance_id, secret)] = create_instances("cached")
-    cached, uncached = auth.CredentialCache(ttl=60), auth.CredentialCache(ttl=0)
-    assert lookup(cached, [instance_id]) == lookup(uncached, [instance_id]) == {instance_id: secret}
-    revoke(instance_id)
-    assert lookup(cached, [instance_id]) == {instance_id: secret}  # documented: up to ttl
-    assert lookup(uncached, [instance_id]) == {}
+def test_live_credentials_are_cached_for_their_ttl_only(control_plane):
+    [instance_id] = create_instances(1)
+    cached, uncached = auth.LiveCredentials(ttl=60), auth.LiveCredentials(ttl=0)
+    assert lookup(cached, [instance_id]) == lookup(uncached, [instance_id]) == {instance_id: 1}
+    delete(instance_id)
+    assert lookup(cached, [instance_id]) == {instance_id: 1}  # documented: up to ttl
+    assert lookup(uncached, [instance_id]) == {instance_id: None}
 
 
-def test_new_instance_is_known_at_once_despite_an_earlier_miss(control_plane):
-    cache = auth.CredentialCache(ttl=60)
-    assert lookup(cache, [str(uuid.uuid4())]) == {}
-    [(instance_id, secret)] = create_instances("fresh")
-    assert lookup(cache, [instance_id]) == {instance_id: secret}
+def test_misses_are_cached_too(control_plane, queries):
+    """A deleted instance's guest beating on costs no query per beat. (So an id looked up
+    before its instance exists reads as unknown for up to ttl: ids are fresh UUIDs and a
+    guest is started only after its instance committed.)"""
+    cache, unknown = auth.LiveCredentials(ttl=60), str(uuid.uuid4())
+    assert lookup(cache, [unknown]) == {unknown: None}
+    assert queries.credential_reads() == 1
+    before = queries.count
+    assert lookup(cache, [unknown]) == {unknown: None}
+    create_instance_with_id(unknown)
+    assert lookup(cache, [unknown]) == {unknown: None}
+    assert queries.credential_reads(before) == 0
+    assert lookup(auth.LiveCredentials(ttl=0), [unknown]) == {unknown: 1}
 
 
-def authenticate_one(task, args, kwargs, header):
+def test_one_query_for_many_instances(control_plane, queries):
+    ids = create_instances(50)
+    cache = auth.LiveCredentials(ttl=60)
+    with db.session_scope() as session:
+        session.connection()  # BEGIN (and SQLite's pragmas) before counting
+        before = queries.count
+        assert cache.generations(session, set(ids)) == dict.fromkeys(ids, 1)
+        assert queries.count - before == queries.credential_reads(before) == 1
+        assert cache.generations(session, set(ids[:10])) == dict.fromkeys(ids[:10], 1)
+        assert queries.count - before == 1
+
+
+def test_cache_memory_is_bounded(control_plane):
+    cache = auth.LiveCredentials(ttl=60, max_entries=10)
+    ids = [str(uuid.uuid4()) for _ in range(25)]
+    for start in range(0, 25, 5):
+        lookup(cache, ids[start:start + 5])
+        assert len(cache._entries) <= 10
+
+
+def authenticate(task, args, kwargs, header):
     return db.run_transaction(
-        lambda session: auth.authenticate_one(session, task, args, kwargs, header), retry_for=0)
+        lambda session: auth.authenticate(session, task, args, kwargs, header), retry_for=0)
 
 
-def test_authenticate_one_with_real_credentials(control_plane):
-    (a, secret_a), (b, _secret_b) = create_instances("a", "b")
+def test_authenticate_with_live_credentials(control_plane):
+    a, b = create_instances(2)
     args = heartbeat_args(a)
-    header = signing.auth_header(signing.instance_principal(a), secret_a, wire.HEARTBEAT_TASK, args, {})
-    assert authenticate_one(wire.HEARTBEAT_TASK, args, {}, header) == auth.Principal(instance_id=a)
+    header = guest_header(a, wire.HEARTBEAT_TASK, args)
+    assert authenticate(wire.HEARTBEAT_TASK, args, {}, header) == auth.Principal(instance_id=a, generation=1)
     # a's credentials naming b in the message
     args_b = heartbeat_args(b)
-    header_b = signing.auth_header(signing.instance_principal(a), secret_a, wire.HEARTBEAT_TASK, args_b, {})
     with pytest.raises(MessageRejected, match="does not match"):
-        authenticate_one(wire.HEARTBEAT_TASK, args_b, {}, header_b)
+        authenticate(wire.HEARTBEAT_TASK, args_b, {}, guest_header(a, wire.HEARTBEAT_TASK, args_b))
 
 
-@pytest.mark.parametrize("withdraw", [revoke, delete], ids=["revoked", "deleted"])
+@pytest.mark.parametrize("withdraw", [rotate, delete], ids=["rotated", "deleted"])
 def test_withdrawn_credentials_do_not_authenticate(control_plane, withdraw):
-    [(instance_id, secret)] = create_instances("gone")
+    [instance_id] = create_instances(1)
     withdraw(instance_id)
     args = heartbeat_args(instance_id)
-    header = signing.auth_header(signing.instance_principal(instance_id), secret, wire.HEARTBEAT_TASK, args, {})
-    with pytest.raises(MessageRejected, match="no credentials"):
-        authenticate_one(wire.HEARTBEAT_TASK, args, {}, header)
+    with pytest.raises(MessageRejected, match="no live credentials"):
+        authenticate(wire.HEARTBEAT_TASK, args, {}, guest_header(instance_id, wire.HEARTBEAT_TASK, args))
 
 
-def test_service_key_from_settings_authenticates_crud(control_plane):
+def test_a_generation_ahead_of_the_database_is_refused(control_plane):
+    [instance_id] = create_instances(1)
+    args = heartbeat_args(instance_id)
+    with pytest.raises(MessageRejected, match="no live credentials"):
+        authenticate(wire.HEARTBEAT_TASK, args, {},
+                     guest_header(instance_id, wire.HEARTBEAT_TASK, args, generation=2))
+    rotate(instance_id)
+    auth._cache = None  # a conductor started after the rotation
+    assert authenticate(wire.HEARTBEAT_TASK, args, {},
+                        guest_header(instance_id, wire.HEARTBEAT_TASK, args, generation=2)).generation == 2
+
+
+def test_unknown_instance_with_a_derived_key_is_refused(control_plane):
+    """Even a correctly derived key is no good without a live instance."""
+    unknown = str(uuid.uuid4())
+    args = heartbeat_args(unknown)
+    with pytest.raises(MessageRejected, match="no live credentials"):
+        authenticate(wire.HEARTBEAT_TASK, args, {}, guest_header(unknown, wire.HEARTBEAT_TASK, args))
+
+
+def test_refuse_revoked_answers_per_principal_in_order(control_plane):
+    live, rotated, deleted = create_instances(3)
+    rotate(rotated)
+    delete(deleted)
+    principals = [auth.Principal(live, 1), auth.SERVICE, auth.Principal(rotated, 1),
+                  auth.Principal(deleted, 1), auth.Principal(rotated, 2), auth.Principal(live, 1)]
+    verdicts = db.run_transaction(lambda session: auth.refuse_revoked(session, principals))
+    assert [v is None for v in verdicts] == [True, True, False, False, True, True]
+    assert rotated in verdicts[2] and deleted in verdicts[3]
+
+
+def test_service_needs_no_query(control_plane, queries):
+    with db.session_scope() as session:
+        session.connection()
+        before = queries.count
+        assert auth.refuse_revoked(session, [auth.SERVICE]) == [None]
+        assert queries.count == before
+
+
+def test_service_key_from_settings_authenticates_control_tasks(control_plane):
     args, kwargs = [A], {"task_status": "NONE"}
     header = signing.auth_header(signing.SERVICE_PRINCIPAL, control_plane.service_key, CRUD_TASK, args, kwargs)
-    assert authenticate_one(CRUD_TASK, args, kwargs, header) is auth.SERVICE
-
-
-# --- the generated service key (embedded setup, no DBAAS_SERVICE_KEY) ----------------------
-
-def load_key(var_dir) -> str | Exception:
-    try:
-        return settings.load({"DBAAS_VAR_DIR": str(var_dir)}).service_key
-    except Exception as exc:  # refusing to start is an acceptable answer, an empty key is not
-        return exc
-
-
-def test_generated_service_key_is_private_and_stable(tmp_path):
-    key = load_key(tmp_path)
-    assert isinstance(key, str) and len(key) == 64
-    assert stat.S_IMODE((tmp_path / "service.key").stat().st_mode) == 0o600
-    assert load_key(tmp_path) == key
-    assert settings.load({"DBAAS_VAR_DIR": str(tmp_path), "DBAAS_SERVICE_KEY": "configured"}).service_key == "configured"
-
-
-def test_a_key_file_still_being_written_is_never_an_empty_key(tmp_path):
-    (tmp_path / "service.key").write_text("")  # what a reader sees between O_EXCL create and write
-    assert load_key(tmp_path) != ""
-
-
-def test_processes_starting_together_agree_on_one_service_key(tmp_path):
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # make the threads interleave as separate processes would
-    try:
-        for attempt in range(30):
-            var_dir = tmp_path / str(attempt)
-            barrier, keys = threading.Barrier(8), []
-
-            def start():
-                barrier.wait(timeout=10)
-                keys.append(load_key(var_dir))
-            threads = [threading.Thread(target=start) for _ in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(timeout=30)
-            assert len(set(map(repr, keys))) == 1 and isinstance(keys[0], str) and keys[0], keys
-    finally:
-        sys.setswitchinterval(interval)
+    assert authenticate(CRUD_TASK, args, kwargs, header) == auth.SERVICE

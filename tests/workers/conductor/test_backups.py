@@ -1,12 +1,15 @@
-"""conductor.update_backup on a real database: workers.conductor.backups."""
+"""Backup rules on a real database (workers.conductor.backups): what a guest reports
+(conductor.update_backup) and what the control plane asks (create, delete, fail, deleted)."""
 
 import time
 import uuid
 from datetime import datetime
 
 import pytest
+from sqlalchemy import func, select
 
 from dbaas import db
+from dbaas.errors import Conflict, InvalidRequest, NotFound
 from dbaas.models import Backup, Instance, Watermark
 from workers.conductor import backups, ordering
 from workers.conductor.messages import BackupUpdate, MessageRejected
@@ -25,9 +28,9 @@ def create_instance(name: str = "db") -> str:
     return db.run_transaction(work)
 
 
-def create_backup(instance_id: str, state: str = "NEW", **extra) -> str:
+def create_backup(instance_id: str, state: str = "NEW", tenant_id: str = "tenant-1", **extra) -> str:
     def work(session):
-        backup = Backup(instance_id=instance_id, tenant_id="tenant-1", name="nightly", state=state,
+        backup = Backup(instance_id=instance_id, tenant_id=tenant_id, name="nightly", state=state,
                         updated=datetime(2029, 1, 1), **extra)
         session.add(backup)
         session.flush()
@@ -45,7 +48,7 @@ def owned(control_plane) -> tuple[str, str]:
 def update(instance_id: str, backup_id: str, sent: float, **fields) -> bool:
     """Apply one update in its own transaction, as the conductor task does."""
     change = BackupUpdate(instance_id=instance_id, backup_id=backup_id, sent=float(sent), fields=fields)
-    return db.run_transaction(lambda session: backups.apply_backup_update(session, change, NOW), retry_for=0)
+    return db.run_transaction(lambda session: backups.apply_update(session, change, NOW), retry_for=0)
 
 
 def refused(instance_id: str, backup_id: str, sent: float, match=None, **fields) -> None:
@@ -180,10 +183,10 @@ def test_unknown_or_deleted_backup_is_refused(owned, which):
     assert watermark(target) is None
 
 
-# --- handle_backup_update: parsing plus applying -------------------------------------------
+# --- handle_update: parsing plus applying -------------------------------------------
 
 def handle(args, kwargs) -> bool:
-    return db.run_transaction(lambda session: backups.handle_backup_update(session, args, kwargs, NOW),
+    return db.run_transaction(lambda session: backups.handle_update(session, args, kwargs, NOW),
                               retry_for=0)
 
 
@@ -218,3 +221,237 @@ def test_handle_ignores_unknown_fields(owned):
     instance_id, backup_id = owned
     assert handle([instance_id, backup_id, time.time()], {"state": "SAVING", "colour": "blue"}) is True
     assert backup_row(backup_id)["state"] == "SAVING"
+
+
+# --- what the control plane asks: create, request_delete, fail, deleted --------------------
+
+def run(work, *args, **kwargs):
+    return db.run_transaction(lambda session: work(session, *args, **kwargs), retry_for=0)
+
+
+def active_instance(project: str = "tenant-1", **fields) -> str:
+    def work(session):
+        instance = Instance(name="db", tenant_id=project, task_status="NONE", service_status="running",
+                            **fields)
+        session.add(instance)
+        session.flush()
+        return instance.id
+    return db.run_transaction(work)
+
+
+def backup_count() -> int:
+    with db.session_scope() as session:
+        return session.scalar(select(func.count()).select_from(Backup))
+
+
+def test_create_records_a_new_backup_of_an_active_instance(control_plane):
+    instance_id, backup_id = active_instance(), str(uuid.uuid4())
+    backup, created = run(backups.create, backup_id, instance_id, " nightly ", "before upgrade", "tenant-1")
+    assert created and backup.id == backup_id
+    assert {k: v for k, v in backup_row(backup_id).items() if k not in ("updated", "size")} == {
+        "instance_id": instance_id, "tenant_id": "tenant-1", "name": "nightly",
+        "description": "before upgrade", "state": "NEW", "checksum": None, "location": None,
+        "backup_type": None, "fail_reason": None, "deleted": False}
+    view = backups.view(backup)
+    assert (view["id"], view["state"], view["project_id"], view["instance_id"]) == (
+        backup_id, "NEW", "tenant-1", instance_id)
+
+
+def test_create_by_the_operator_takes_the_instances_project(control_plane):
+    instance_id, backup_id = active_instance("tenant-9"), str(uuid.uuid4())
+    run(backups.create, backup_id, instance_id, "nightly", None, None)
+    assert backup_row(backup_id)["tenant_id"] == "tenant-9"
+
+
+def test_create_is_idempotent_on_the_id(control_plane):
+    instance_id, backup_id = active_instance(), str(uuid.uuid4())
+    run(backups.create, backup_id, instance_id, "nightly", None, "tenant-1")
+    backup, created = run(backups.create, backup_id, instance_id, "a redelivery never renames", None, "tenant-1")
+    assert not created and backup.id == backup_id
+    assert backup_row(backup_id)["name"] == "nightly" and backup_count() == 1
+    # Still the same create once the instance is busy with that very backup.
+    def busy(session):
+        session.get(Instance, instance_id).task_status = "BACKING_UP"
+    db.run_transaction(busy)
+    assert run(backups.create, backup_id, instance_id, "nightly", None, "tenant-1")[1] is False
+
+
+@pytest.mark.parametrize("state", [
+    {"task_status": "BUILDING", "service_status": None},
+    {"task_status": "NONE", "service_status": None},
+    {"task_status": "REBOOTING", "service_status": "running"},
+    {"task_status": "DELETING", "service_status": "running"},
+    {"task_status": "BACKING_UP", "service_status": "running"},
+    {"task_status": "NONE", "service_status": "shutdown"},
+    {"task_status": "NONE", "service_status": "crashed"},
+    {"task_status": "NONE", "service_status": "running", "fault_kind": "heartbeat_expired"},
+], ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_create_only_of_an_active_instance(control_plane, state):
+    instance_id = active_instance(**{k: v for k, v in state.items() if k not in ("task_status", "service_status")})
+
+    def work(session):
+        instance = session.get(Instance, instance_id)
+        instance.task_status, instance.service_status = state["task_status"], state["service_status"]
+    db.run_transaction(work)
+    with pytest.raises(Conflict, match="only an ACTIVE instance"):
+        run(backups.create, str(uuid.uuid4()), instance_id, "nightly", None, "tenant-1")
+    assert backup_count() == 0
+
+
+def test_create_for_another_projects_missing_or_deleted_instance_is_not_found(control_plane):
+    instance_id = active_instance()
+    with pytest.raises(NotFound):
+        run(backups.create, str(uuid.uuid4()), instance_id, "x", None, "tenant-2")
+    with pytest.raises(NotFound):
+        run(backups.create, str(uuid.uuid4()), str(uuid.uuid4()), "orphan", None, None)
+
+    def delete(session):
+        session.get(Instance, instance_id).deleted = True
+    db.run_transaction(delete)
+    with pytest.raises(NotFound):
+        run(backups.create, str(uuid.uuid4()), instance_id, "late", None, None)
+    assert backup_count() == 0
+
+
+@pytest.mark.parametrize("taken_by", ["another project", "a deleted backup"])
+def test_create_with_an_id_taken_otherwise_is_a_conflict(control_plane, taken_by):
+    backup_id = create_backup(active_instance(), deleted=taken_by == "a deleted backup")
+    project = "tenant-2" if taken_by == "another project" else "tenant-1"
+    instance_id = active_instance(project)
+    before = backup_row(backup_id)
+    with pytest.raises(Conflict, match="taken"):
+        run(backups.create, backup_id, instance_id, "mine now", None, project)
+    assert backup_row(backup_id) == before and backup_count() == 1
+
+
+@pytest.mark.parametrize("name, description", [
+    ("", None), ("  ", None), ("x" * 256, None), (None, None), (3, None),
+    ("ok", "d" * 2001), ("ok", 5), ("ok", ["d"]),
+], ids=lambda v: repr(v)[:12])
+def test_create_refuses_bad_names_and_descriptions(control_plane, name, description):
+    instance_id = active_instance()
+    with pytest.raises(InvalidRequest):
+        run(backups.create, str(uuid.uuid4()), instance_id, name, description, "tenant-1")
+    assert backup_count() == 0
+
+
+def test_get_and_listing_see_only_the_projects_live_backups(control_plane):
+    mine, theirs = active_instance(), active_instance("tenant-2")
+    first, second = create_backup(mine), create_backup(mine)
+    other = create_backup(theirs, tenant_id="tenant-2")
+    create_backup(mine, deleted=True)
+    assert run(backups.get, first, "tenant-1").id == first
+    with pytest.raises(NotFound):
+        run(backups.get, other, "tenant-1")
+    with pytest.raises(NotFound):
+        run(backups.get, str(uuid.uuid4()))
+
+    def ids(project=None, instance_id=None):
+        return run(lambda session: sorted(b.id for b in backups.listing(session, project, instance_id)))
+    assert ids("tenant-1") == sorted([first, second])
+    assert ids("tenant-2") == [other]
+    assert ids(None) == sorted([first, second, other])
+    assert ids(None, theirs) == [other]
+    assert ids("tenant-1", theirs) == []
+
+
+@pytest.mark.parametrize("state", ["NEW", "BUILDING", "SAVING"])
+def test_delete_is_refused_while_in_progress(control_plane, state):
+    backup_id = create_backup(active_instance(), state=state)
+    before = backup_row(backup_id)
+    with pytest.raises(Conflict, match=state):
+        run(backups.request_delete, backup_id, "tenant-1")
+    assert backup_row(backup_id) == before
+
+
+@pytest.mark.parametrize("state", ["COMPLETED", "FAILED"])
+def test_delete_request_of_a_finished_backup_leaves_the_record_to_deleted(control_plane, state):
+    backup_id = create_backup(active_instance(), state=state, location="file:///b/x")
+    before = backup_row(backup_id)
+    assert run(backups.request_delete, backup_id, "tenant-1").id == backup_id
+    assert backup_row(backup_id) == before  # the taskmanager removes the file, then reports
+
+
+def test_delete_request_of_another_projects_backup_is_not_found(control_plane):
+    backup_id = create_backup(active_instance(), state="COMPLETED")
+    with pytest.raises(NotFound):
+        run(backups.request_delete, backup_id, "tenant-2")
+
+
+def test_deleted_ends_the_record_idempotently(owned):
+    _instance_id, backup_id = owned
+    run(backups.deleted, backup_id, NOW)
+    run(backups.deleted, backup_id, datetime(2031, 1, 1))  # a redelivery
+    with db.session_scope() as session:
+        backup = session.get(Backup, backup_id)
+        assert (backup.deleted, backup.deleted_at) == (True, NOW)
+    with pytest.raises(NotFound):
+        run(backups.get, backup_id)
+    with pytest.raises(NotFound):
+        run(backups.deleted, str(uuid.uuid4()), NOW)
+
+
+@pytest.mark.parametrize("state", ["NEW", "BUILDING", "SAVING"])
+def test_fail_ends_an_unfinished_backup(control_plane, state):
+    backup_id = create_backup(active_instance(), state=state)
+    run(backups.fail, backup_id, "no guest agent runs" + "!" * 3000, NOW)
+    row = backup_row(backup_id)
+    assert (row["state"], row["updated"]) == ("FAILED", NOW)
+    assert row["fail_reason"].startswith("no guest agent runs") and len(row["fail_reason"]) == 2000
+
+
+@pytest.mark.parametrize("state", ["COMPLETED", "FAILED"])
+def test_fail_leaves_a_final_state(control_plane, state):
+    backup_id = create_backup(active_instance(), state=state, fail_reason="first")
+    before = backup_row(backup_id)
+    run(backups.fail, backup_id, "too late", NOW)
+    assert backup_row(backup_id) == before
+
+
+def test_fail_of_an_unknown_backup_is_not_found(control_plane):
+    with pytest.raises(NotFound):
+        run(backups.fail, str(uuid.uuid4()), "why", NOW)
+
+
+def test_a_failed_backup_refuses_later_guest_reports(owned):
+    instance_id, backup_id = owned
+    run(backups.fail, backup_id, "gave up", NOW)
+    refused(instance_id, backup_id, time.time(), match="already FAILED", state="COMPLETED")
+
+
+# --- restore_source: which backup a new instance may start from ----------------------------
+
+def completed_backup(project: str = "tenant-1", datastore: str = "postgresql") -> str:
+    instance_id = active_instance(project, datastore=datastore)
+    return create_backup(instance_id, state="COMPLETED", tenant_id=project, location=f"file:///b/{uuid.uuid4()}")
+
+
+def test_restore_source_is_the_backups_datastore_and_location(control_plane):
+    backup_id = completed_backup()
+    location = backup_row(backup_id)["location"]
+    assert run(backups.restore_source, backup_id, None, "tenant-1") == ("postgresql", location)
+    assert run(backups.restore_source, backup_id, "postgresql", "tenant-1") == ("postgresql", location)
+
+
+def test_restore_source_of_another_datastore_is_invalid(control_plane):
+    with pytest.raises(InvalidRequest, match="postgresql instance, not sqlite"):
+        run(backups.restore_source, completed_backup(), "sqlite", "tenant-1")
+
+
+@pytest.mark.parametrize("state, location", [
+    ("NEW", None), ("BUILDING", None), ("SAVING", None), ("FAILED", None), ("COMPLETED", None),
+    ("FAILED", "file:///b/partial"),
+])
+def test_restore_source_must_be_completed_with_a_location(control_plane, state, location):
+    backup_id = create_backup(active_instance(), state=state, location=location)
+    with pytest.raises(Conflict, match="only a COMPLETED backup"):
+        run(backups.restore_source, backup_id, None, "tenant-1")
+
+
+def test_restore_source_of_another_project_or_deleted_is_not_found(control_plane):
+    backup_id = completed_backup()
+    with pytest.raises(NotFound):
+        run(backups.restore_source, backup_id, None, "tenant-2")
+    run(backups.deleted, backup_id, NOW)
+    with pytest.raises(NotFound):
+        run(backups.restore_source, backup_id, None, "tenant-1")

@@ -7,91 +7,25 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 
 import pytest
 from kombu import Connection, Producer
 from sqlalchemy import func, select
 
-import dbaas.broker
-from dbaas import db, migrations, wire
-from dbaas.instances import create_instance
+from dbaas import db, signing, wire
 from dbaas.models import Backup, Instance, Watermark
-from tests.support.stack import configure
-from tests.support.services import ROOT, Worker, wait_until
+from tests.support.services import ROOT, wait_until
+from tests.support.stack import make_backup, make_instances, publish_heartbeats, snapshot
 from workers.guestagent import config as guest_config
 from workers.guestagent.client import guest_app, send_signed
 
 STATUSES = ["running", "healthy", "shutdown", "crashed", "paused", "blocked"]
 
 
-@dataclass
-class Stack:
-    kind: str
-    database_url: str
-    broker_url: str
-    env: dict
-    tmp_path: object
-    postgres: object = None
-
-    def worker(self, name="conductor", **env) -> Worker:
-        return Worker({**self.env, **env}, self.tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.log")
-
-
-@pytest.fixture(params=["rabbitmq-postgresql", "embedded"])
-def stack(request, monkeypatch, tmp_path, env_for):
-    if request.param == "embedded":
-        database_url = f"sqlite:///{tmp_path / 'control.sqlite3'}"
-        broker_url = dbaas.broker.broker_url_for(str(tmp_path / "broker"))
-        postgres = None
-    else:
-        postgres = request.getfixturevalue("postgres")
-        database_url, broker_url = postgres.url, request.getfixturevalue("rabbit").url
-    env = env_for(database_url, broker_url)
-    configure(monkeypatch, **{k: v for k, v in env.items() if k.startswith("DBAAS_")})
-    migrations.upgrade()
-    yield Stack(request.param, database_url, broker_url, env, tmp_path, postgres)
-    db.engine().dispose()
-
-
-def make_instances(count: int) -> dict[str, str]:
-    """instance id -> guest secret"""
-    with db.session_scope() as session:
-        created = [create_instance(session, f"db-{n}") for n in range(count)]
-        return {instance.id: secret for instance, secret in created}
-
-
-def make_backup(instance_id: str) -> str:
-    with db.session_scope() as session:
-        backup = Backup(instance_id=instance_id, name="nightly")
-        session.add(backup)
-        session.flush()
-        return backup.id
-
-
-def snapshot() -> list:
-    with db.session_scope() as session:
-        rows = []
-        for model in (Instance, Backup, Watermark):
-            for row in session.scalars(select(model)):
-                rows.append({c.name: getattr(row, c.name) for c in model.__table__.columns})
-        return sorted(rows, key=repr)
-
-
 def heartbeats_applied() -> int:
     # run_transaction: the outage test cuts this process's connections too.
     return db.run_transaction(lambda session: session.scalar(
         select(func.count()).where(Instance.last_heartbeat.is_not(None))))
-
-
-def publish_heartbeats(broker_url: str, secrets: dict, messages: list) -> None:
-    app = guest_app(broker_url, "trove-conductor")
-    try:
-        for instance_id, sent, status in messages:
-            send_signed(app, instance_id, secrets[instance_id], wire.HEARTBEAT_TASK,
-                        [instance_id, {"service_status": status}, sent])
-    finally:
-        app.close()
 
 
 def test_shuffled_heartbeats_end_at_each_instances_newest(stack):
@@ -149,16 +83,20 @@ def test_sigkilled_conductor_mid_backlog_loses_nothing(stack):
 
 
 def test_hostile_messages_change_nothing_and_the_worker_keeps_serving(stack):
-    secrets = make_instances(2)
-    (a, secret_a), (b, secret_b) = secrets.items()
+    secrets = make_instances(3)
+    (a, secret_a), (b, secret_b), (c, secret_c) = secrets.items()
     backup_b = make_backup(b)
+
+    def delete_c(session):
+        session.get(Instance, c).deleted = True
+    db.run_transaction(delete_c)
     before = snapshot()
     worker = stack.worker().start()
     try:
         sent = time.time()
         app = guest_app(stack.broker_url, "trove-conductor")
-        signed = lambda name, args, kwargs=None, instance=a, secret=secret_a: send_signed(  # noqa: E731
-            app, instance, secret, name, args, kwargs)
+        signed = lambda name, args, kwargs=None, instance=a, secret=secret_a, gen=1: send_signed(  # noqa: E731
+            app, instance, secret, gen, name, args, kwargs)
         signed(wire.HEARTBEAT_TASK, [a, {"service_status": "potato salad"}, sent])
         signed(wire.HEARTBEAT_TASK, [a, "not a dict", "yesterday"])
         signed(wire.HEARTBEAT_TASK, [a, {}])                                  # no sent
@@ -173,8 +111,14 @@ def test_hostile_messages_change_nothing_and_the_worker_keeps_serving(stack):
         signed("conductor.instance_update", [a], {"task_status": "NONE"})    # CRUD as a guest
         signed("conductor.backup_create", [str(uuid.uuid4()), a, "x"])
         signed("celery.map", [{"task": "conductor.instance_update"}, [[a]]])  # builtin
+        signed("conductor.instance_deleted", [a])                             # its own record
         signed("conductor.drop_everything", [a])                              # unknown name
+        signed(wire.HEARTBEAT_TASK, [c, {"service_status": "running"}, sent],
+               instance=c, secret=secret_c)                                   # deleted instance
         app.send_task(wire.HEARTBEAT_TASK, args=[a, {"service_status": "shutdown"}, sent])  # unsigned
+        no_generation = [a, {"service_status": "shutdown"}, sent]
+        app.send_task(wire.HEARTBEAT_TASK, args=no_generation, headers={wire.AUTH_HEADER: signing.auth_header(
+            signing.instance_principal(a), secret_a, wire.HEARTBEAT_TASK, no_generation, {})})
         app.close()
         with Connection(stack.broker_url) as connection:
             producer = Producer(connection.default_channel)
@@ -191,7 +135,8 @@ def test_hostile_messages_change_nothing_and_the_worker_keeps_serving(stack):
                             "exceeds the 65536-byte limit", "does not match the sender's credentials",
                             "signature does not verify", "does not belong to the sender's instance",
                             "fields not writable by a guest", "instance credentials may not call",
-                            "unregistered task", "missing or malformed dbaas_auth header"]
+                            "unregistered task", "missing or malformed dbaas_auth header",
+                            "no live credentials", "must carry its credentials' generation"]
         wait_until(lambda: all(r in worker.log() for r in expected_reasons), timeout=60,
                    message="a log line for every refused message")
         # Still serving: a valid heartbeat sent after all of that is applied.
@@ -200,6 +145,8 @@ def test_hostile_messages_change_nothing_and_the_worker_keeps_serving(stack):
         assert worker.process.poll() is None, worker.log()
         with db.session_scope() as session:
             assert session.get(Instance, b).last_heartbeat is None
+            assert session.get(Instance, c).last_heartbeat is None
+            assert session.get(Instance, a).deleted is False
             assert session.get(Backup, backup_b).state == "NEW"
         after = [row for row in snapshot() if row.get("id") != a and row.get("key") != a]
         assert after == [row for row in before if row.get("id") != a]
@@ -245,8 +192,10 @@ def test_guest_command_line_reports_heartbeat_and_backup(stack):
                 return instance.service_status == "running" and backup.state == "COMPLETED" and backup
         backup = wait_until(reported, timeout=60, message="the guest's reports")
         assert (backup.size, backup.checksum, backup.location) == (2.5, "ab" * 32, "file:///backups/x")
+        # Through the conductor (a call on its control queue): the CLI has no database.
         shown = subprocess.run([sys.executable, "manage.py", "instance", "show", instance_id, "--json"],
-                               env=stack.env, cwd=ROOT, check=True, capture_output=True, text=True)
+                               env=stack.client_env(), cwd=ROOT, check=True, capture_output=True,
+                               text=True, timeout=60)
         view = json.loads(shown.stdout)
         assert (view["status"], view["operating_status"], view["service_status"]) == \
             ("ACTIVE", "RUNNING", "running")
@@ -266,7 +215,7 @@ def test_database_outage_means_retries_not_loss(stack):
         publish_heartbeats(stack.broker_url, secrets, [(i, now, "running") for i in secrets])
         instance_id = next(iter(secrets))
         app = guest_app(stack.broker_url, "trove-conductor")
-        send_signed(app, instance_id, secrets[instance_id], wire.UPDATE_BACKUP_TASK,
+        send_signed(app, instance_id, secrets[instance_id], 1, wire.UPDATE_BACKUP_TASK,
                     [instance_id, backup_id, now], {"state": "BUILDING"})
         app.close()
         wait_until(lambda: "database unavailable" in worker.log(), timeout=30,

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from dbaas import db, instances, signing, wire
-from dbaas.models import GuestCredential, Instance, Watermark
+from dbaas import db, settings, signing, wire
+from dbaas.models import Instance, Watermark
 from dbaas.status import HEARTBEAT_EXPIRED
-from workers.conductor import crud, heartbeats, ordering
+from workers.conductor import heartbeats, instances, ordering
 from workers.conductor.batching import Envelope
 from workers.conductor.messages import Heartbeat
 
@@ -29,6 +29,7 @@ def at(seconds: int) -> datetime:
 class Guest:
     instance_id: str
     secret: str
+    generation: int = 1
 
     def envelope(self, payload: dict, sent: float, *, instance_id: str | None = None,
                  key: str | None = None) -> Envelope:
@@ -36,13 +37,15 @@ class Guest:
         ``instance_id`` (default: its own instance) in the message."""
         args = [instance_id or self.instance_id, payload, sent]
         header = signing.auth_header(signing.instance_principal(self.instance_id), key or self.secret,
-                                     wire.HEARTBEAT_TASK, args, {})
+                                     wire.HEARTBEAT_TASK, args, {}, generation=self.generation)
         return Envelope(task_id=str(uuid.uuid4()), args=args, kwargs={}, auth=header)
 
 
 def new_guest(name: str = "db") -> Guest:
-    instance, secret = db.run_transaction(lambda session: instances.create_instance(session, name))
-    return Guest(instance.id, secret)
+    """An instance in BUILD, as the conductor records it, and its guest's derived secret."""
+    instance_id = str(uuid.uuid4())
+    db.run_transaction(lambda session: instances.create(session, instance_id, name, None, "default"))
+    return Guest(instance_id, signing.guest_secret(settings.get().service_key, instance_id, 1))
 
 
 @pytest.fixture
@@ -75,7 +78,9 @@ def watermark(instance_id: str) -> float | None:
 
 
 def update_instance(instance_id: str, **fields) -> None:
-    db.run_transaction(lambda session: crud.instance_update(session, instance_id, fields))
+    """What the taskmanager's conductor.instance_update does; times travel as ISO text."""
+    fields = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in fields.items()}
+    db.run_transaction(lambda session: instances.update(session, instance_id, fields))
 
 
 def snapshot(instance_id: str) -> dict:
@@ -262,13 +267,35 @@ def test_forged_messages_are_refused_while_valid_ones_apply(control_plane):
     assert watermark(bob.instance_id) is None and watermark(carol.instance_id) is None
 
 
-def test_revoked_guest_is_refused(guest):
-    def revoke(session):
-        session.get(GuestCredential, guest.instance_id).revoked_at = T0
-    db.run_transaction(revoke)
+def rotate(session, instance_id):
+    session.get(Instance, instance_id).credential_generation = 2
+
+
+def delete(session, instance_id):
+    session.get(Instance, instance_id).deleted = True
+
+
+@pytest.mark.parametrize("withdraw", [rotate, delete], ids=["rotated", "deleted"])
+def test_withdrawn_guest_is_refused(guest, withdraw):
+    db.run_transaction(lambda session: withdraw(session, guest.instance_id))
     [verdict] = handle(guest.envelope({"service_status": "running"}, time.time()))
-    assert "no credentials" in verdict
-    assert row(guest.instance_id).last_heartbeat is None
+    assert "no live credentials" in verdict
+    instance = row(guest.instance_id)
+    assert (instance.last_heartbeat, instance.service_status) == (None, None)
+    assert watermark(guest.instance_id) is None
+
+
+def test_new_generation_is_accepted_and_old_one_refused_in_one_batch(control_plane):
+    old, other = new_guest("rotated"), new_guest("other")
+    db.run_transaction(lambda session: rotate(session, old.instance_id))
+    new = Guest(old.instance_id, signing.guest_secret(control_plane.service_key, old.instance_id, 2), 2)
+    sent = time.time()
+    verdicts = handle(old.envelope({"service_status": "crashed"}, sent + 1),
+                      new.envelope({"service_status": "running"}, sent),
+                      other.envelope({"service_status": "running"}, sent), now=at(3))
+    assert "no live credentials" in verdicts[0] and verdicts[1:] == [None, None]
+    assert (row(old.instance_id).service_status, row(old.instance_id).last_heartbeat) == ("running", at(3))
+    assert watermark(old.instance_id) == sent
 
 
 def test_malformed_status_type_is_refused_alone(control_plane):

@@ -1,14 +1,14 @@
 """Timeout sweeps as plain functions on SQLite and PostgreSQL."""
 
 import time
+import uuid
 from datetime import timedelta
 
 from sqlalchemy import select
 
 from dbaas import db
-from dbaas.instances import create_instance, instance_view
 from dbaas.models import Backup, Instance, Watermark, utcnow
-from workers.conductor import sweeps
+from workers.conductor import instances, sweeps
 from workers.conductor.heartbeats import apply_heartbeats
 from workers.conductor.messages import Heartbeat
 
@@ -17,7 +17,7 @@ TIMEOUTS = {"usage_timeout": 60, "agent_heartbeat_expiry": 30, "backup_timeout":
 
 def new_instance(age_seconds: float = 0, **fields) -> str:
     with db.session_scope() as session:
-        instance, _secret = create_instance(session, "db")
+        instance, _created = instances.create(session, str(uuid.uuid4()), "db", None, "default")
         instance.created = utcnow() - timedelta(seconds=age_seconds)
         for name, value in fields.items():
             setattr(instance, name, value)
@@ -30,7 +30,7 @@ def run_sweep(now=None) -> dict:
 
 def view(instance_id: str) -> dict:
     with db.session_scope() as session:
-        return instance_view(session.get(Instance, instance_id))
+        return instances.view(session.get(Instance, instance_id))
 
 
 def beat(instance_id: str, status: str = "running") -> None:
