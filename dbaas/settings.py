@@ -8,6 +8,7 @@ fresh machine runs the whole system. Production sets ``DBAAS_DATABASE_URL=postgr
 a plain dict with ``load(env)``.
 """
 
+import math
 import os
 import secrets
 import sys
@@ -107,9 +108,15 @@ def _convert(option: Option, text: str):
     if option.type is str:
         return text
     try:
-        return option.type(text)
+        value = option.type(text)
     except ValueError:
-        raise SettingError(f"{option.env}={text!r} is not {'an integer' if option.type is int else 'a number'}") from None
+        value = None
+    # Every number here is a size, a count or a duration: zero, negatives, inf and nan
+    # would only turn into a hang or a busy loop somewhere far from the cause.
+    if value is None or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if option.type is int else "a positive number"
+        raise SettingError(f"{option.env}={text!r} is not {kind}")
+    return value
 
 
 def _service_key(var_dir: Path) -> str:

@@ -76,7 +76,7 @@ def test_computed_defaults_follow_var_dir(tmp_path):
 
 
 @pytest.mark.parametrize("option", NUMERIC, ids=lambda o: o.env)
-@pytest.mark.parametrize("text", ["abc", "12 seconds", "1,5", "0x10"])
+@pytest.mark.parametrize("text", ["abc", "12 seconds", "1,5", "0x10", "0", "-1", "nan", "inf"])
 def test_a_bad_number_is_a_setting_error_naming_the_variable(tmp_path, option, text):
     with pytest.raises(SettingError, match=option.env) as info:
         load(tmp_path, **{option.env: text})

@@ -7,11 +7,12 @@ only through ``workers/conductor/api.py``.
 from datetime import datetime, timezone
 
 from sqlalchemy import select
+from sqlalchemy import update as update_rows
 from sqlalchemy.orm import Session
 
 from dbaas import wire
 from dbaas.errors import Conflict, InvalidRequest, NotFound
-from dbaas.models import Backup, Instance
+from dbaas.models import Backup, Instance, utcnow
 from dbaas.status import api_status, operating_status
 from workers.guestagent.api import DATASTORES
 
@@ -98,16 +99,24 @@ def create(session: Session, instance_id: str, name, datastore: str | None,
     return instance, True
 
 
-def request_delete(session: Session, instance_id, project_id: str | None = None) -> Instance:
-    """Mark it DELETING; the taskmanager tears it down and reports ``deleted``."""
+def request_delete(session: Session, instance_id, project_id: str | None = None,
+                   now: datetime | None = None) -> Instance:
+    """Mark it DELETING; the taskmanager tears it down and reports ``deleted``. A backup
+    still running fails now: its guest is about to go."""
     instance = get(session, instance_id, project_id, for_update=True)
     instance.task_status = "DELETING"
+    session.execute(
+        update_rows(Backup)
+        .where(Backup.instance_id == instance.id, Backup.deleted.is_(False),
+               Backup.state.not_in(wire.FINAL_BACKUP_STATES))
+        .values(state="FAILED", fail_reason="the instance was deleted", updated=now or utcnow())
+        .execution_options(synchronize_session=False))
     return instance
 
 
 def deleted(session: Session, instance_id: str, now: datetime) -> None:
-    """Idempotent: the instance and its backups' records end; its guest's key stops
-    verifying (credentials are live only for a live instance)."""
+    """Idempotent: the instance's record ends (its backups stay, as in Trove) and its
+    guest's key stops verifying (credentials are live only for a live instance)."""
     instance = session.get(Instance, instance_id)
     if instance is None:
         raise NotFound(f"no instance {instance_id}")
@@ -130,12 +139,6 @@ def reset_status(session: Session, instance_id) -> tuple[Instance, list[str]]:
         cleared.append(f"cleared service status {instance.service_status!r}")
         instance.service_status = None
     return instance, cleared
-
-
-def backups_in_progress(session: Session, instance_id: str) -> bool:
-    return session.scalar(select(Backup.id).where(
-        Backup.instance_id == instance_id, Backup.deleted.is_(False),
-        Backup.state.not_in(wire.FINAL_BACKUP_STATES)).limit(1)) is not None
 
 
 # --- what the taskmanager may set ------------------------------------------------------------

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from dbaas import db
 from dbaas.errors import Conflict, InvalidRequest, NotFound
-from dbaas.models import Instance
+from dbaas.models import Backup, Instance
 from workers.conductor import auth, instances
 
 INSTANCE_COLUMNS = ("name", "tenant_id", "datastore", "task_status", "service_status", "fault_kind",
@@ -165,6 +165,24 @@ def test_request_delete_marks_deleting(instance_id):
     assert (row["task_status"], row["deleted"]) == ("DELETING", False)
     run(instances.request_delete, instance_id)  # asked again: still DELETING
     assert instance_row(instance_id)["task_status"] == "DELETING"
+
+
+def test_request_delete_fails_the_backups_still_running(instance_id):
+    def add(session, state):
+        backup = Backup(instance_id=instance_id, name=state, state=state)
+        session.add(backup)
+        session.flush()
+        return backup.id
+    ids = {state: run(add, state) for state in ("NEW", "BUILDING", "SAVING", "COMPLETED", "FAILED")}
+    run(instances.request_delete, instance_id)
+
+    def states(session):
+        return {b.name: (b.state, b.fail_reason) for b in session.scalars(
+            select(Backup).where(Backup.id.in_(ids.values())))}
+    after = run(states)
+    for running in ("NEW", "BUILDING", "SAVING"):
+        assert after[running] == ("FAILED", "the instance was deleted")
+    assert after["COMPLETED"] == ("COMPLETED", None) and after["FAILED"][0] == "FAILED"
 
 
 def test_request_delete_of_another_projects_instance_is_not_found(instance_id):
