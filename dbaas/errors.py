@@ -35,6 +35,12 @@ class Unavailable(DbaasError):
     kind = "unavailable"
 
 
+def not_found(kind: str, object_id) -> NotFound:
+    """The one wording of "no such object", wherever it is found missing (the conductor, or
+    the API for an id that cannot exist): another project's object must read the same."""
+    return NotFound(f"no {kind} {str(object_id)[:64]!r}")
+
+
 KINDS = {cls.kind: cls for cls in (DbaasError, InvalidRequest, NotFound, Conflict, OverLimit,
                                     Unavailable)}
 

@@ -41,6 +41,10 @@ class Instance(Base):
     fault_at: Mapped[datetime | None] = mapped_column(DateTime)
     host: Mapped[str | None] = mapped_column(String(255))
     port: Mapped[int | None] = mapped_column(Integer)
+    # What the tenant asked for (the API's flavor id and volume size in GB); recorded and
+    # shown, not enforced by the local compute driver.
+    flavor_id: Mapped[str | None] = mapped_column(String(36))
+    volume_size: Mapped[int | None] = mapped_column(Integer)
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -53,6 +57,8 @@ class Instance(Base):
         # The timeout sweeps filter on these.
         Index("ix_instances_task_status_created", "task_status", "created"),
         Index("ix_instances_last_heartbeat", "last_heartbeat"),
+        # A project's list, in pages, and its quota count.
+        Index("ix_instances_tenant_id_created", "tenant_id", "created", "id"),
     )
 
 
@@ -64,6 +70,9 @@ class Backup(Base):
     tenant_id: Mapped[str] = mapped_column(String(64), default="default")
     name: Mapped[str] = mapped_column(String(255))
     description: Mapped[str | None] = mapped_column(Text)
+    # The instance's at the time of the backup: what a restore will run.
+    datastore: Mapped[str | None] = mapped_column(String(32))
+    datastore_version: Mapped[str | None] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), default="NEW")
     size: Mapped[float | None] = mapped_column(Float)
     checksum: Mapped[str | None] = mapped_column(String(128))
@@ -76,7 +85,23 @@ class Backup(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime)
 
-    __table_args__ = (Index("ix_backups_state_created", "state", "created"),)
+    __table_args__ = (
+        Index("ix_backups_state_created", "state", "created"),
+        Index("ix_backups_tenant_id_created", "tenant_id", "created", "id"),
+    )
+
+
+class Project(Base):
+    """A tenant's quota overrides (NULL: the configured default). Its row is also what
+    concurrent creates of one project lock, so that counting and inserting are one step
+    (docs/adr/0006). Created on a project's first create."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    max_instances: Mapped[int | None] = mapped_column(Integer)
+    max_backups: Mapped[int | None] = mapped_column(Integer)
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Watermark(Base):

@@ -10,8 +10,9 @@ from dbaas import db, migrations
 from dbaas.models import Base
 from tests.support.stack import configure
 
-TABLES = {"instances", "backups", "watermarks"}
-HEAD = "0002"
+TABLES_0002 = {"instances", "backups", "watermarks"}
+TABLES = TABLES_0002 | {"projects"}
+HEAD = "0003"
 
 
 @pytest.fixture
@@ -56,6 +57,7 @@ def test_upgrade_creates_the_tables(empty_database):
     assert ("credential_generation", "INTEGER", False) in tables["instances"]["columns"]
     assert ("ix_instances_last_heartbeat", ("last_heartbeat",)) in tables["instances"]["indexes"]
     assert ("ix_backups_state_created", ("state", "created")) in tables["backups"]["indexes"]
+    assert ("ix_instances_tenant_id_created", ("tenant_id", "created", "id")) in tables["instances"]["indexes"]
     assert (("instance_id",), "instances") in tables["backups"]["foreign_keys"]
 
 
@@ -125,14 +127,13 @@ def test_0001_to_0002_upgrade_and_downgrade_keep_the_data(empty_database):
     migrations.upgrade("0002")
     assert revision(empty_database) == ["0002"]
     upgraded = schema(empty_database)
-    assert set(upgraded) == TABLES | {"alembic_version"}  # stored secrets are gone
+    assert set(upgraded) == TABLES_0002 | {"alembic_version"}  # stored secrets are gone
     assert ("credential_generation", "INTEGER", False) in upgraded["instances"]["columns"]
     # Existing instances start at generation 1; nothing else of theirs changes.
     assert rows(empty_database, "SELECT id, name, tenant_id, credential_generation FROM instances") == [
         (INSTANCE, "db", "p1", 1)]
     assert rows(empty_database, "SELECT id, instance_id, state FROM backups") == [
         (BACKUP, INSTANCE, "COMPLETED")]
-    assert differences(empty_database) == []
 
     command.downgrade(migrations.alembic_config(), "0001")
     assert revision(empty_database) == ["0001"]
@@ -143,6 +144,46 @@ def test_0001_to_0002_upgrade_and_downgrade_keep_the_data(empty_database):
     # The secrets were never kept: a downgraded guest needs its config written anew.
     assert rows(empty_database, "SELECT * FROM guest_credentials") == []
 
-    migrations.upgrade()
+    migrations.upgrade("0002")
     assert schema(empty_database) == upgraded
     assert rows(empty_database, "SELECT id, credential_generation FROM instances") == [(INSTANCE, 1)]
+
+
+# --- 0002 -> 0003: projects and quotas, flavor and volume, backups' datastore -------------
+
+def test_0002_to_0003_upgrade_and_downgrade_keep_the_data(empty_database):
+    migrations.upgrade("0001")
+    fill_0001(empty_database)
+    migrations.upgrade("0002")
+    at_0002 = schema(empty_database)
+    before = rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status FROM instances")
+
+    migrations.upgrade("0003")
+    assert revision(empty_database) == ["0003"]
+    upgraded = schema(empty_database)
+    assert set(upgraded) == TABLES | {"alembic_version"}
+    assert [c[0] for c in upgraded["projects"]["columns"]] == ["id", "max_instances", "max_backups", "created"]
+    for column in ("flavor_id", "volume_size"):
+        assert column in [c[0] for c in upgraded["instances"]["columns"]]
+    assert ("ix_backups_tenant_id_created", ("tenant_id", "created", "id")) in upgraded["backups"]["indexes"]
+    # The instance gets its datastore's version; its backup the instance's datastore.
+    assert rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status FROM instances") == before
+    assert rows(empty_database, "SELECT datastore_version, flavor_id, volume_size FROM instances") == [
+        ("3", None, None)]
+    assert rows(empty_database, "SELECT id, datastore, datastore_version, state FROM backups") == [
+        (BACKUP, "sqlite", "3", "COMPLETED")]
+    assert rows(empty_database, "SELECT * FROM projects") == []
+    assert differences(empty_database) == []
+    with empty_database.begin() as connection:
+        connection.execute(text("INSERT INTO projects (id, max_instances, created) "
+                                "VALUES ('p1', 3, '2030-01-01 00:00:00')"))
+
+    command.downgrade(migrations.alembic_config(), "0002")
+    assert revision(empty_database) == ["0002"]
+    assert schema(empty_database) == at_0002
+    assert rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status FROM instances") == before
+    assert rows(empty_database, "SELECT id, instance_id, state FROM backups") == [
+        (BACKUP, INSTANCE, "COMPLETED")]
+
+    migrations.upgrade()
+    assert schema(empty_database) == upgraded

@@ -26,6 +26,8 @@ BACKUP_LIST = "conductor.backup_list"
 BACKUP_DELETE = "conductor.backup_delete"
 BACKUP_FAIL = "conductor.backup_fail"
 BACKUP_DELETED = "conductor.backup_deleted"
+QUOTA_SHOW = "conductor.quota_show"
+QUOTA_UPDATE = "conductor.quota_update"
 SWEEP = "conductor.sweep"
 
 
@@ -33,18 +35,25 @@ class ConductorAPI(Client):
     # --- instances: calls
 
     def instance_create(self, instance_id: str, name: str, datastore: str | None = None,
-                        restore_from: str | None = None, project_id: str | None = None) -> dict:
-        """Record an instance in BUILD and hand it to the taskmanager; the new record.
-        ``instance_id`` is chosen by the caller so that a retried create is the same
-        create; ``restore_from`` is a COMPLETED backup's id (its datastore is taken)."""
+                        restore_from: str | None = None, project_id: str | None = None,
+                        datastore_version: str | None = None, flavor_id: str | None = None,
+                        volume_size: int | None = None) -> dict:
+        """Record an instance in BUILD, within its project's quota (OverLimit), and hand
+        it to the taskmanager; the new record. ``instance_id`` is chosen by the caller so
+        that a retried create is the same create; ``restore_from`` is a COMPLETED backup's
+        id (its datastore and version are taken)."""
         return self.call(INSTANCE_CREATE, instance_id, name, datastore=datastore,
-                         restore_from=restore_from, project_id=project_id)
+                         restore_from=restore_from, project_id=project_id,
+                         datastore_version=datastore_version, flavor_id=flavor_id,
+                         volume_size=volume_size)
 
     def instance_show(self, instance_id: str, project_id: str | None = None) -> dict:
         return self.call(INSTANCE_SHOW, instance_id, project_id=project_id)
 
-    def instance_list(self, project_id: str | None = None) -> list[dict]:
-        return self.call(INSTANCE_LIST, project_id=project_id)
+    def instance_list(self, project_id: str | None = None, limit: int | None = None,
+                      marker: str | None = None) -> list[dict]:
+        """Oldest first; at most ``limit``, after the instance ``marker`` when given."""
+        return self.call(INSTANCE_LIST, project_id=project_id, limit=limit, marker=marker)
 
     def instance_delete(self, instance_id: str, project_id: str | None = None) -> dict:
         """Mark it DELETING and hand it to the taskmanager, which reports instance_deleted."""
@@ -53,9 +62,9 @@ class ConductorAPI(Client):
     def instance_restart(self, instance_id: str, project_id: str | None = None) -> dict:
         return self.call(INSTANCE_RESTART, instance_id, project_id=project_id)
 
-    def instance_reset_status(self, instance_id: str) -> dict:
+    def instance_reset_status(self, instance_id: str, project_id: str | None = None) -> dict:
         """Clear a fault, a stuck task and a sticky status: ``{"instance", "cleared"}``."""
-        return self.call(INSTANCE_RESET_STATUS, instance_id)
+        return self.call(INSTANCE_RESET_STATUS, instance_id, project_id=project_id)
 
     # --- instances: casts from the taskmanager
 
@@ -71,14 +80,20 @@ class ConductorAPI(Client):
 
     def backup_create(self, backup_id: str, instance_id: str, name: str,
                       description: str | None = None, project_id: str | None = None) -> dict:
+        """Record a NEW backup of an ACTIVE instance, within its project's quota
+        (OverLimit), and hand it to the taskmanager; the new record."""
         return self.call(BACKUP_CREATE, backup_id, instance_id, name, description=description,
                          project_id=project_id)
 
     def backup_show(self, backup_id: str, project_id: str | None = None) -> dict:
         return self.call(BACKUP_SHOW, backup_id, project_id=project_id)
 
-    def backup_list(self, project_id: str | None = None, instance_id: str | None = None) -> list[dict]:
-        return self.call(BACKUP_LIST, project_id=project_id, instance_id=instance_id)
+    def backup_list(self, project_id: str | None = None, instance_id: str | None = None,
+                    datastore: str | None = None, limit: int | None = None,
+                    marker: str | None = None) -> list[dict]:
+        """Oldest first; at most ``limit``, after the backup ``marker`` when given."""
+        return self.call(BACKUP_LIST, project_id=project_id, instance_id=instance_id,
+                         datastore=datastore, limit=limit, marker=marker)
 
     def backup_delete(self, backup_id: str, project_id: str | None = None) -> dict:
         return self.call(BACKUP_DELETE, backup_id, project_id=project_id)
@@ -90,6 +105,17 @@ class ConductorAPI(Client):
 
     def backup_deleted(self, backup_id: str) -> None:
         self.cast(BACKUP_DELETED, backup_id)
+
+    # --- quotas: calls
+
+    def quota_show(self, project_id: str) -> dict:
+        """``{"project_id", "instances": {"limit", "in_use", "default"}, "backups": {…}}``"""
+        return self.call(QUOTA_SHOW, project_id)
+
+    def quota_update(self, project_id: str, **limits: int | None) -> dict:
+        """Set ``instances=`` / ``backups=`` limits of the project (None: back to the
+        default); answers what quota_show answers."""
+        return self.call(QUOTA_UPDATE, project_id, **limits)
 
     # --- beat
 

@@ -9,9 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dbaas import settings, wire
-from dbaas.errors import Conflict, InvalidRequest, NotFound
+from dbaas.errors import Conflict, InvalidRequest, not_found
 from dbaas.models import Backup, Instance, utcnow
-from workers.conductor import instances, ordering
+from workers.conductor import instances, ordering, paging, quotas
 from workers.conductor.messages import BackupUpdate, MessageRejected, parse_backup_update
 
 IN_PROGRESS_STATES = frozenset(wire.BACKUP_STATE_RANK) - wire.FINAL_BACKUP_STATES
@@ -24,6 +24,8 @@ def view(backup: Backup) -> dict:
         "description": backup.description,
         "instance_id": backup.instance_id,
         "project_id": backup.tenant_id,
+        "datastore": backup.datastore,
+        "datastore_version": backup.datastore_version,
         "state": backup.state,
         "size": backup.size,
         "checksum": backup.checksum,
@@ -38,54 +40,69 @@ def view(backup: Backup) -> dict:
 def get(session: Session, backup_id, project_id: str | None = None, *,
         for_update: bool = False) -> Backup:
     backup = None
-    if isinstance(backup_id, str) and len(backup_id) <= 64:
+    if isinstance(backup_id, str) and len(backup_id) <= 64 and backup_id.isprintable():
         statement = select(Backup).where(Backup.id == backup_id)
         backup = session.scalar(statement.with_for_update() if for_update else statement)
     if backup is None or backup.deleted or project_id not in (None, backup.tenant_id):
-        raise NotFound(f"no backup {str(backup_id)[:64]!r}")
+        raise not_found("backup", backup_id)
     return backup
 
 
-def listing(session: Session, project_id: str | None = None,
-            instance_id: str | None = None) -> list[Backup]:
+def listing(session: Session, project_id: str | None = None, instance_id: str | None = None, *,
+            datastore: str | None = None, limit: int | None = None,
+            marker: str | None = None) -> list[Backup]:
     statement = select(Backup).where(Backup.deleted.is_(False))
     if project_id is not None:
-        statement = statement.where(Backup.tenant_id == project_id)
+        statement = statement.where(Backup.tenant_id == quotas.validate_project(project_id))
     if instance_id is not None:
         statement = statement.where(Backup.instance_id == instance_id)
-    return list(session.scalars(statement.order_by(Backup.created, Backup.id)))
+    if datastore is not None:
+        datastore, _version = instances.validate_datastore(datastore, None)
+        statement = statement.where(Backup.datastore == datastore)
+    return list(session.scalars(paging.page(session, statement, Backup, project_id, limit, marker)))
 
 
-def restore_source(session: Session, backup_id, datastore: str | None,
-                   project_id: str | None) -> tuple[str, str]:
-    """(datastore, location) of a backup a new instance may be restored from."""
+def restore_source(session: Session, backup_id, datastore: str | None, project_id: str | None, *,
+                   version: str | None = None) -> tuple[str, str, str]:
+    """(datastore, version, location) of a backup a new instance may be restored from."""
     backup = get(session, backup_id, project_id)
     if backup.state != "COMPLETED" or not backup.location:
         raise Conflict(f"backup {backup_id} is {backup.state}: only a COMPLETED backup can be restored")
-    source = session.get(Instance, backup.instance_id).datastore
-    if datastore not in (None, source):
-        raise InvalidRequest(f"backup {backup_id} is of a {source} instance, not {datastore}")
-    return source, backup.location
+    source = session.get(Instance, backup.instance_id)
+    source_datastore, source_version = instances.validate_datastore(
+        backup.datastore or source.datastore, backup.datastore_version or source.datastore_version)
+    if datastore not in (None, source_datastore):
+        raise InvalidRequest(f"backup {backup_id} is of a {source_datastore} instance, not {datastore}")
+    if version not in (None, source_version):
+        raise InvalidRequest(f"backup {backup_id} is of {source_datastore} {source_version}, not {version}")
+    return source_datastore, source_version, backup.location
 
 
 def create(session: Session, backup_id: str, instance_id, name, description,
            project_id: str | None) -> tuple[Backup, bool]:
-    """A NEW backup of an ACTIVE instance: (backup, created now). Idempotent on
-    ``backup_id``, like instance creation."""
+    """A NEW backup of an ACTIVE instance, within the project's quota: (backup, created
+    now). Idempotent on ``backup_id``, like instance creation."""
+    name = instances.validate_name(name, "backup")
+    if description is not None and not (isinstance(description, str) and len(description) <= 2000
+                                        and "\0" not in description):
+        raise InvalidRequest("description must be a string of at most 2000 characters")
+    # The instance tells whose quota counts (the operator passes no project); its project's
+    # row is locked before the instance's, the order every create takes.
+    owner = instances.get(session, instance_id, project_id).tenant_id
+    project = quotas.lock(session, owner)
     existing = session.get(Backup, backup_id)
     if existing is not None:
         if existing.deleted or project_id not in (None, existing.tenant_id):
             raise Conflict(f"backup id {backup_id} is taken")
         return existing, False
-    name = instances.validate_name(name, "backup")
-    if description is not None and not (isinstance(description, str) and len(description) <= 2000):
-        raise InvalidRequest("description must be a string of at most 2000 characters")
     instance = instances.get(session, instance_id, project_id, for_update=True)
     status = instances.view(instance)["status"]
     if status != "ACTIVE":
         raise Conflict(f"instance {instance_id} is {status}: only an ACTIVE instance can be backed up")
+    quotas.check(session, project, quotas.BACKUPS)
     backup = Backup(id=backup_id, instance_id=instance.id, tenant_id=instance.tenant_id,
-                    name=name, description=description)
+                    name=name, description=description, datastore=instance.datastore,
+                    datastore_version=instance.datastore_version)
     session.add(backup)
     session.flush()
     return backup, True
@@ -102,7 +119,7 @@ def request_delete(session: Session, backup_id, project_id: str | None = None) -
 def deleted(session: Session, backup_id: str, now: datetime) -> None:
     backup = session.get(Backup, backup_id)
     if backup is None:
-        raise NotFound(f"no backup {backup_id}")
+        raise not_found("backup", backup_id)
     if not backup.deleted:
         backup.deleted, backup.deleted_at = True, now
 
@@ -112,7 +129,7 @@ def fail(session: Session, backup_id: str, reason: str, now: datetime) -> None:
     stay as they are."""
     backup = session.get(Backup, backup_id)
     if backup is None:
-        raise NotFound(f"no backup {backup_id}")
+        raise not_found("backup", backup_id)
     if backup.state not in wire.FINAL_BACKUP_STATES:
         backup.state, backup.fail_reason, backup.updated = "FAILED", str(reason)[:2000], now
 

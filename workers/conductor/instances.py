@@ -10,14 +10,17 @@ from sqlalchemy import select
 from sqlalchemy import update as update_rows
 from sqlalchemy.orm import Session
 
-from dbaas import wire
-from dbaas.errors import Conflict, InvalidRequest, NotFound
+from dbaas import settings, wire
+from dbaas.errors import Conflict, InvalidRequest, not_found
 from dbaas.models import Backup, Instance, utcnow
 from dbaas.status import api_status, operating_status
+from workers.conductor import paging, quotas
 from workers.guestagent.api import DATASTORES
 
 MAX_NAME_LENGTH = 255
+MAX_FLAVOR_ID_LENGTH = 36
 DEFAULT_PROJECT = "default"
+DEFAULT_DATASTORE = "sqlite"
 
 
 def validate_name(name, what: str = "instance") -> str:
@@ -27,6 +30,30 @@ def validate_name(name, what: str = "instance") -> str:
     if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
         raise InvalidRequest(f"{what} name must be 1 to {MAX_NAME_LENGTH} printable characters")
     return name
+
+
+def validate_datastore(datastore, version) -> tuple[str, str]:
+    """(datastore, version), the datastore's default version when none is asked for."""
+    datastore = datastore or DEFAULT_DATASTORE
+    if not isinstance(datastore, str) or datastore not in DATASTORES:
+        raise InvalidRequest(f"unknown datastore {str(datastore)[:32]!r}; choose one of {', '.join(DATASTORES)}")
+    versions = DATASTORES[datastore].versions
+    if version is None:
+        return datastore, versions[0]
+    if not isinstance(version, str) or version not in versions:
+        raise InvalidRequest(f"unknown version {str(version)[:32]!r} of {datastore}; choose one of {', '.join(versions)}")
+    return datastore, version
+
+
+def validate_flavor_and_volume(flavor_id, volume_size) -> None:
+    """Which flavors exist is the API's configuration; here only their form is checked."""
+    if flavor_id is not None and not (isinstance(flavor_id, str)
+                                      and 0 < len(flavor_id) <= MAX_FLAVOR_ID_LENGTH
+                                      and flavor_id.isprintable()):
+        raise InvalidRequest(f"a flavor id is 1 to {MAX_FLAVOR_ID_LENGTH} printable characters")
+    largest = settings.get().max_volume_size
+    if volume_size is not None and not (type(volume_size) is int and 0 < volume_size <= largest):
+        raise InvalidRequest(f"volume size must be a whole number of GB from 1 to {largest}")
 
 
 def iso_utc(moment: datetime | None) -> str | None:
@@ -40,6 +67,9 @@ def view(instance: Instance) -> dict:
         "name": instance.name,
         "project_id": instance.tenant_id,
         "datastore": instance.datastore,
+        "datastore_version": instance.datastore_version,
+        "flavor_id": instance.flavor_id,
+        "volume_size": instance.volume_size,
         "status": api_status(deleted=instance.deleted, task_status=instance.task_status,
                              service_status=instance.service_status, fault_kind=instance.fault_kind),
         "operating_status": operating_status(instance.service_status),
@@ -61,39 +91,45 @@ def get(session: Session, instance_id, project_id: str | None = None, *,
     """A live instance of the project (any project when None); another project's reads
     exactly like a missing one."""
     instance = None
-    if isinstance(instance_id, str) and len(instance_id) <= 64:
+    # Printable only: a NUL would make PostgreSQL's driver raise instead of finding nothing.
+    if isinstance(instance_id, str) and len(instance_id) <= 64 and instance_id.isprintable():
         statement = select(Instance).where(Instance.id == instance_id)
         instance = session.scalar(statement.with_for_update() if for_update else statement)
     if instance is None or instance.deleted or project_id not in (None, instance.tenant_id):
-        raise NotFound(f"no instance {str(instance_id)[:64]!r}")
+        raise not_found("instance", instance_id)
     return instance
 
 
-def listing(session: Session, project_id: str | None = None) -> list[Instance]:
+def listing(session: Session, project_id: str | None = None, *, limit: int | None = None,
+            marker: str | None = None) -> list[Instance]:
     statement = select(Instance).where(Instance.deleted.is_(False))
     if project_id is not None:
-        statement = statement.where(Instance.tenant_id == project_id)
-    return list(session.scalars(statement.order_by(Instance.created, Instance.id)))
+        statement = statement.where(Instance.tenant_id == quotas.validate_project(project_id))
+    return list(session.scalars(paging.page(session, statement, Instance, project_id, limit, marker)))
 
 
 def create(session: Session, instance_id: str, name, datastore: str | None,
-           project_id: str) -> tuple[Instance, bool]:
-    """Record an instance in BUILD: (instance, created now).
+           project_id: str, *, datastore_version: str | None = None,
+           flavor_id: str | None = None, volume_size: int | None = None) -> tuple[Instance, bool]:
+    """Record an instance in BUILD, within the project's quota: (instance, created now).
 
     Idempotent on ``instance_id``: a retried or redelivered create finds the instance it
-    made and returns it rather than making a second one.
+    made and returns it rather than making a second one (and counts nothing twice).
     """
+    name = validate_name(name)
+    datastore, datastore_version = validate_datastore(datastore, datastore_version)
+    validate_flavor_and_volume(flavor_id, volume_size)
+    project = quotas.lock(session, project_id)
     existing = session.get(Instance, instance_id)
     if existing is not None:
         if existing.tenant_id != project_id or existing.deleted:
             raise Conflict(f"instance id {instance_id} is taken")
         return existing, False
-    name = validate_name(name)
-    datastore = datastore or "sqlite"
-    if not isinstance(datastore, str) or datastore not in DATASTORES:
-        raise InvalidRequest(f"unknown datastore {str(datastore)[:32]!r}; choose one of {', '.join(DATASTORES)}")
-    instance = Instance(id=instance_id, name=name, datastore=datastore, tenant_id=project_id,
-                        task_status="BUILDING", credential_generation=1)
+    quotas.check(session, project, quotas.INSTANCES)
+    instance = Instance(id=instance_id, name=name, datastore=datastore,
+                        datastore_version=datastore_version, flavor_id=flavor_id,
+                        volume_size=volume_size, tenant_id=project_id, task_status="BUILDING",
+                        credential_generation=1)
     session.add(instance)
     session.flush()
     return instance, True
@@ -119,15 +155,16 @@ def deleted(session: Session, instance_id: str, now: datetime) -> None:
     guest's key stops verifying (credentials are live only for a live instance)."""
     instance = session.get(Instance, instance_id)
     if instance is None:
-        raise NotFound(f"no instance {instance_id}")
+        raise not_found("instance", instance_id)
     if instance.deleted:
         return
     instance.deleted, instance.deleted_at, instance.task_status = True, now, "NONE"
 
 
-def reset_status(session: Session, instance_id) -> tuple[Instance, list[str]]:
+def reset_status(session: Session, instance_id,
+                 project_id: str | None = None) -> tuple[Instance, list[str]]:
     """Take an instance out of ERROR or a stuck task by hand; heartbeats set the rest."""
-    instance = get(session, instance_id, for_update=True)
+    instance = get(session, instance_id, project_id, for_update=True)
     cleared = []
     if instance.fault_kind:
         cleared.append(f"cleared fault {instance.fault_kind} ({instance.fault_message})")

@@ -13,7 +13,7 @@ from dbaas import db
 from dbaas.celery import app
 from dbaas.errors import InvalidRequest
 from dbaas.models import Instance, utcnow
-from workers.conductor import backups, instances, sweeps
+from workers.conductor import backups, instances, quotas, sweeps
 from workers.taskmanager.api import TaskmanagerAPI
 
 _taskmanager: TaskmanagerAPI | None = None
@@ -39,13 +39,17 @@ def new_id(value, what: str) -> str:
 # --- instances -------------------------------------------------------------------------------
 
 def instance_create(session: Session, instance_id, name, datastore=None, restore_from=None,
-                    project_id=None) -> dict:
+                    project_id=None, datastore_version=None, flavor_id=None,
+                    volume_size=None) -> dict:
     instance_id = new_id(instance_id, "instance")
     project_id = project_id or instances.DEFAULT_PROJECT
     restore_location = None
     if restore_from is not None:
-        datastore, restore_location = backups.restore_source(session, restore_from, datastore, project_id)
-    instance, _created = instances.create(session, instance_id, name, datastore, project_id)
+        datastore, datastore_version, restore_location = backups.restore_source(
+            session, restore_from, datastore, project_id, version=datastore_version)
+    instance, _created = instances.create(session, instance_id, name, datastore, project_id,
+                                          datastore_version=datastore_version,
+                                          flavor_id=flavor_id, volume_size=volume_size)
     if instance.task_status == "BUILDING":
         # Also when a retried create found the instance: handing it over twice is harmless
         # (the taskmanager's create is idempotent), never handing it over is not.
@@ -58,8 +62,9 @@ def instance_show(session: Session, instance_id, project_id=None) -> dict:
     return instances.view(instances.get(session, instance_id, project_id))
 
 
-def instance_list(session: Session, project_id=None) -> list[dict]:
-    return [instances.view(i) for i in instances.listing(session, project_id)]
+def instance_list(session: Session, project_id=None, limit=None, marker=None) -> list[dict]:
+    return [instances.view(i) for i in instances.listing(session, project_id, limit=limit,
+                                                         marker=marker)]
 
 
 def instance_delete(session: Session, instance_id, project_id=None) -> dict:
@@ -76,8 +81,8 @@ def instance_restart(session: Session, instance_id, project_id=None) -> dict:
     return instances.view(instance)
 
 
-def instance_reset_status(session: Session, instance_id) -> dict:
-    instance, cleared = instances.reset_status(session, instance_id)
+def instance_reset_status(session: Session, instance_id, project_id=None) -> dict:
+    instance, cleared = instances.reset_status(session, instance_id, project_id)
     return {"instance": instances.view(instance), "cleared": cleared}
 
 
@@ -106,10 +111,13 @@ def backup_show(session: Session, backup_id, project_id=None) -> dict:
     return backups.view(backups.get(session, backup_id, project_id))
 
 
-def backup_list(session: Session, project_id=None, instance_id=None) -> list[dict]:
+def backup_list(session: Session, project_id=None, instance_id=None, datastore=None, limit=None,
+                marker=None) -> list[dict]:
     if instance_id is not None:
         instances.get(session, instance_id, project_id)  # another project's: not found
-    return [backups.view(b) for b in backups.listing(session, project_id, instance_id)]
+    return [backups.view(b) for b in backups.listing(session, project_id, instance_id,
+                                                     datastore=datastore, limit=limit,
+                                                     marker=marker)]
 
 
 def backup_delete(session: Session, backup_id, project_id=None) -> dict:
@@ -125,6 +133,16 @@ def backup_fail(session: Session, backup_id, reason) -> None:
 
 def backup_deleted(session: Session, backup_id) -> None:
     backups.deleted(session, backup_id, utcnow())
+
+
+# --- quotas --------------------------------------------------------------------------------
+
+def quota_show(session: Session, project_id) -> dict:
+    return quotas.show(session, project_id)
+
+
+def quota_update(session: Session, project_id, limits: dict) -> dict:
+    return quotas.update(session, project_id, limits)
 
 
 # --- beat ------------------------------------------------------------------------------------

@@ -26,8 +26,10 @@ def update_backup(session, principal: Principal, *args, **kwargs):
 
 @app.task(name=api.INSTANCE_CREATE, base=ConductorCall)
 def instance_create(session, principal: Principal, instance_id, name, datastore=None,
-                    restore_from=None, project_id=None):
-    return manager.instance_create(session, instance_id, name, datastore, restore_from, project_id)
+                    restore_from=None, project_id=None, datastore_version=None, flavor_id=None,
+                    volume_size=None):
+    return manager.instance_create(session, instance_id, name, datastore, restore_from, project_id,
+                                   datastore_version, flavor_id, volume_size)
 
 
 @app.task(name=api.INSTANCE_SHOW, base=ConductorCall)
@@ -36,8 +38,8 @@ def instance_show(session, principal: Principal, instance_id, project_id=None):
 
 
 @app.task(name=api.INSTANCE_LIST, base=ConductorCall)
-def instance_list(session, principal: Principal, project_id=None):
-    return manager.instance_list(session, project_id)
+def instance_list(session, principal: Principal, project_id=None, limit=None, marker=None):
+    return manager.instance_list(session, project_id, limit, marker)
 
 
 @app.task(name=api.INSTANCE_DELETE, base=ConductorCall)
@@ -51,8 +53,8 @@ def instance_restart(session, principal: Principal, instance_id, project_id=None
 
 
 @app.task(name=api.INSTANCE_RESET_STATUS, base=ConductorCall)
-def instance_reset_status(session, principal: Principal, instance_id):
-    return manager.instance_reset_status(session, instance_id)
+def instance_reset_status(session, principal: Principal, instance_id, project_id=None):
+    return manager.instance_reset_status(session, instance_id, project_id)
 
 
 @app.task(name=api.BACKUP_CREATE, base=ConductorCall)
@@ -67,13 +69,24 @@ def backup_show(session, principal: Principal, backup_id, project_id=None):
 
 
 @app.task(name=api.BACKUP_LIST, base=ConductorCall)
-def backup_list(session, principal: Principal, project_id=None, instance_id=None):
-    return manager.backup_list(session, project_id, instance_id)
+def backup_list(session, principal: Principal, project_id=None, instance_id=None, datastore=None,
+                limit=None, marker=None):
+    return manager.backup_list(session, project_id, instance_id, datastore, limit, marker)
 
 
 @app.task(name=api.BACKUP_DELETE, base=ConductorCall)
 def backup_delete(session, principal: Principal, backup_id, project_id=None):
     return manager.backup_delete(session, backup_id, project_id)
+
+
+@app.task(name=api.QUOTA_SHOW, base=ConductorCall)
+def quota_show(session, principal: Principal, project_id):
+    return manager.quota_show(session, project_id)
+
+
+@app.task(name=api.QUOTA_UPDATE, base=ConductorCall)
+def quota_update(session, principal: Principal, project_id, **limits):
+    return manager.quota_update(session, project_id, limits)
 
 
 # --- casts from the taskmanager and beat

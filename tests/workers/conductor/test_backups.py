@@ -429,8 +429,15 @@ def completed_backup(project: str = "tenant-1", datastore: str = "postgresql") -
 def test_restore_source_is_the_backups_datastore_and_location(control_plane):
     backup_id = completed_backup()
     location = backup_row(backup_id)["location"]
-    assert run(backups.restore_source, backup_id, None, "tenant-1") == ("postgresql", location)
-    assert run(backups.restore_source, backup_id, "postgresql", "tenant-1") == ("postgresql", location)
+    assert run(backups.restore_source, backup_id, None, "tenant-1") == ("postgresql", "15", location)
+    assert run(backups.restore_source, backup_id, "postgresql", "tenant-1") == ("postgresql", "15", location)
+    assert run(backups.restore_source, backup_id, "postgresql", "tenant-1", version="15") == (
+        "postgresql", "15", location)
+
+
+def test_restore_source_of_another_version_is_invalid(control_plane):
+    with pytest.raises(InvalidRequest, match="postgresql 15, not 9"):
+        run(backups.restore_source, completed_backup(), None, "tenant-1", version="9")
 
 
 def test_restore_source_of_another_datastore_is_invalid(control_plane):
