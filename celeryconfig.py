@@ -31,6 +31,8 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 4
 worker_hijack_root_logger = True
 worker_send_task_events = True
+# Every message is checked (dbaas.intake) before Celery's machinery sees it.
+worker_consumer = "dbaas.worker:Consumer"
 task_send_sent_event = False
 
 task_queues = [queue(_settings.conductor_queue), queue(_settings.conductor_control_queue),

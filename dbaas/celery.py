@@ -16,6 +16,10 @@ from dbaas import settings
 app = Celery("dbaas")
 app.config_from_object("celeryconfig")
 
+# Set in a conductor worker that consumes the guests' queue: that queue is handed to its
+# own consumer (workers/conductor/guest_consumer.py), not to Celery's task consumer.
+guest_queue: str | None = None
+
 
 @signals.celeryd_init.connect
 def import_consumed_task_modules(options=None, **_):
@@ -38,17 +42,20 @@ def import_consumed_task_modules(options=None, **_):
 @signals.celeryd_after_setup.connect
 def keep_only_consumed_tasks(sender=None, instance=None, **_):
     """A conductor also consumes the control queue, so that calls from the control plane
-    never wait behind guests' heartbeats; and a worker runs only the tasks routed to the
-    queues it consumes.
+    never wait behind guests' heartbeats, and its guests' queue goes to a consumer of its
+    own; and a worker runs only the tasks routed to the queues it consumes.
 
     Celery's built-in tasks (``celery.map``, ``celery.chord_unlock``…) would let anyone
     who can publish make a worker call other tasks, and a taskmanager must not run
     conductor tasks (it has no database) if a message is misrouted to it.
     """
+    global guest_queue
     config = settings.get()
     queues = instance.app.amqp.queues
-    if config.conductor_queue in (queues.consume_from or {}):
+    if config.conductor_queue in (queues.consume_from or queues):
         queues.select_add(config.conductor_control_queue)
+        queues.deselect([config.conductor_queue])
+        guest_queue = config.conductor_queue
     consumed = set(queues.consume_from or queues)
     for name in list(instance.app.tasks):
         route = instance.app.amqp.router.route({}, name)

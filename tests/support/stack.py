@@ -19,11 +19,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from dbaas import db, settings, signing, wire
+from dbaas import db, settings, signing
 from dbaas.models import Backup, Instance, Watermark
 from tests.support.services import ROOT, Worker
 from workers.conductor import auth
-from workers.guestagent.client import guest_app, send_signed
 from workers.taskmanager.compute.local import LocalDriver, instances_root
 
 SERVICE_KEY = "test-service-key"
@@ -82,13 +81,13 @@ def snapshot() -> list:
 
 def publish_heartbeats(broker_url: str, secrets: dict, messages: list) -> None:
     """``messages``: (instance id, sent, service status), each signed by its guest."""
-    app = guest_app(broker_url, "trove-conductor")
+    from tests.support.guests import Publisher
+    publisher = Publisher(broker_url)
     try:
         for instance_id, sent, status in messages:
-            send_signed(app, instance_id, secrets[instance_id], 1, wire.HEARTBEAT_TASK,
-                        [instance_id, {"service_status": status}, sent])
+            publisher.heartbeat(instance_id, secrets[instance_id], sent, status)
     finally:
-        app.close()
+        publisher.close()
 
 
 def processes_of(instance_id: str) -> list[int]:

@@ -11,49 +11,26 @@ Guest-facing tasks accept only an instance principal whose id is the message's
 """
 
 import time
-from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dbaas import settings, signing, wire
+from dbaas import intake, settings
 from dbaas.models import Instance
 from workers.conductor.messages import MessageRejected
 
 
-@dataclass(frozen=True)
-class Principal:
-    instance_id: str | None  # None for the control-plane service
-    generation: int | None = None
-
-    @property
-    def is_service(self) -> bool:
-        return self.instance_id is None
-
-
-SERVICE = Principal(instance_id=None)
+Principal = intake.Principal
+SERVICE = intake.SERVICE
 
 
 def verify(task_name: str, args, kwargs, header) -> Principal:
     """The sender, if the signature verifies and the sender may call ``task_name`` with
     these arguments; MessageRejected otherwise. Reads no database."""
-    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
-        raise MessageRejected("arguments are not a list and a mapping")
     try:
-        claim = signing.parse_header(header)
-        signing.verify_claim(settings.get().service_key, claim, task_name, args, kwargs)
-    except signing.AuthError as exc:
-        raise MessageRejected(f"unauthenticated: {exc}") from None
-    principal = Principal(claim.instance_id, claim.generation)
-    if task_name in wire.GUEST_TASKS:
-        if principal.is_service:
-            raise MessageRejected(f"{task_name} is sent by guests only")
-        instance_id = args[0] if args else kwargs.get("instance_id")
-        if instance_id != principal.instance_id:
-            raise MessageRejected("instance_id does not match the sender's credentials")
-    elif not principal.is_service:
-        raise MessageRejected(f"instance credentials may not call {task_name}")
-    return principal
+        return intake.verify_sender(task_name, args, kwargs, header, settings.get().service_key)
+    except intake.Refused as exc:
+        raise MessageRejected(str(exc)) from None
 
 
 class LiveCredentials:

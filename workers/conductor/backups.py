@@ -161,7 +161,10 @@ def apply_update(session: Session, change: BackupUpdate, now: datetime) -> bool:
     return True
 
 
+def parse_update(args, kwargs) -> BackupUpdate:
+    return parse_backup_update(args, kwargs, time.time(), settings.get().max_clock_skew)
+
+
 def handle_update(session: Session, args, kwargs, now: datetime | None = None) -> bool:
     """Validate and apply one conductor.update_backup message (already authenticated)."""
-    change = parse_backup_update(args, kwargs, time.time(), settings.get().max_clock_skew)
-    return apply_update(session, change, now or utcnow())
+    return apply_update(session, parse_update(args, kwargs), now or utcnow())

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from dbaas import settings, wire
 from dbaas.models import Instance, utcnow
 from dbaas.status import ALIVE_SERVICE_STATUSES, HEARTBEAT_EXPIRED
-from workers.conductor import auth, ordering
+from workers.conductor import ordering
 from workers.conductor.messages import Heartbeat, MessageRejected, parse_heartbeat
 
 
@@ -75,32 +75,18 @@ def _heartbeat_values(status: str | None, version: str | None, now: datetime) ->
     return values
 
 
-def handle_heartbeats(session: Session, envelopes: list, now: datetime | None = None) -> list:
-    """Authenticate, validate and apply a batch of conductor.heartbeat messages.
-
-    Returns one verdict per envelope: None when handled (applied, or stale and
-    discarded), otherwise why the message was refused.
-    """
-    config = settings.get()
-    now = now or utcnow()
+def handle(session: Session, tasks: list, now: datetime | None = None) -> list:
+    """Validate and apply a batch of conductor.heartbeat messages whose senders were
+    already verified (dbaas.intake) and found live. One verdict per message: None when
+    handled (applied, or stale and discarded), otherwise why it was refused."""
+    max_skew = settings.get().max_clock_skew
     epoch_now = time.time()
-    verdicts: list = [None] * len(envelopes)
-    verified: list[tuple[int, auth.Principal]] = []
-    for index, envelope in enumerate(envelopes):
-        try:
-            verified.append((index, auth.verify(wire.HEARTBEAT_TASK, envelope.args, envelope.kwargs,
-                                                envelope.auth)))
-        except MessageRejected as exc:
-            verdicts[index] = str(exc)
-    refusals = auth.refuse_revoked(session, [principal for _index, principal in verified])
+    verdicts: list = [None] * len(tasks)
     beats = []
-    for (index, _principal), refusal in zip(verified, refusals):
-        envelope = envelopes[index]
+    for index, task in enumerate(tasks):
         try:
-            if refusal:
-                raise MessageRejected(refusal)
-            beats.append(parse_heartbeat(envelope.args, envelope.kwargs, epoch_now, config.max_clock_skew))
+            beats.append(parse_heartbeat(task.args, task.kwargs, epoch_now, max_skew))
         except MessageRejected as exc:
             verdicts[index] = str(exc)
-    apply_heartbeats(session, beats, now)
+    apply_heartbeats(session, beats, now or utcnow())
     return verdicts

@@ -1,24 +1,18 @@
 """Every task the conductor serves, by its public name (``api.py`` holds the names).
-Bodies only hand over to the modules that hold the logic."""
+Bodies only hand over to the modules that hold the logic.
 
-from dbaas import settings, wire
+Guests' messages (``conductor.heartbeat``, ``conductor.update_backup``: dbaas.wire) are not
+Celery tasks: the guests' queue has a consumer of its own, registered here.
+"""
+
+from dbaas import settings
 from dbaas.celery import app
-from workers.conductor import api, backups, heartbeats, manager
+from workers.conductor import api, manager
 from workers.conductor.auth import Principal
-from workers.conductor.batching import BatchedTask
+from workers.conductor.guest_consumer import GuestQueue
 from workers.conductor.task_base import ConductorCall, ConductorTask
 
-# --- guests (the public contract, on the guests' queue)
-
-
-@app.task(name=wire.HEARTBEAT_TASK, base=BatchedTask)
-def heartbeat(session, envelopes):
-    return heartbeats.handle_heartbeats(session, envelopes)
-
-
-@app.task(name=wire.UPDATE_BACKUP_TASK, base=ConductorTask)
-def update_backup(session, principal: Principal, *args, **kwargs):
-    backups.handle_update(session, args, kwargs)
+app.steps["consumer"].add(GuestQueue)
 
 
 # --- calls from the control plane

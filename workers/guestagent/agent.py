@@ -33,9 +33,11 @@ import time
 from kombu import Connection
 from kombu.mixins import ConsumerMixin
 
+from dbaas import intake
 from dbaas.storage import BACKUP_NAME, LocalStorage
 from workers.guestagent.client import ConductorClient
-from workers.guestagent.commands import CommandRefused, command_queue, verify_command
+from workers.guestagent.commands import (COMMAND_MAX_BYTES, CommandRefused, command_queue,
+                                         verify_command)
 from workers.guestagent.config import GuestConfig
 from workers.guestagent.datastores import datastore_for
 from workers.guestagent.datastores.base import write_json
@@ -161,13 +163,20 @@ class Agent(ConsumerMixin):
     # --- commands
 
     def get_consumers(self, Consumer, channel):
-        return [Consumer(queues=[command_queue(self.config.instance_id)], accept=["json"],
-                         prefetch_count=1, callbacks=[self.on_message])]
+        # on_message: the raw message, decoded by our own checks (kombu's decoder would
+        # raise on a malformed body right through this loop).
+        return [Consumer(queues=[command_queue(self.config.instance_id)], prefetch_count=1,
+                         on_message=self.on_message)]
 
-    def on_message(self, body, message) -> None:
+    def on_message(self, message) -> None:
         """Carry out one command, then acknowledge it, whatever the outcome: a refused or
         failed command redelivered would only be refused or fail again."""
         try:
+            try:
+                body = intake.decode_json(message.body, message.content_type,
+                                          message.content_encoding, COMMAND_MAX_BYTES)
+            except intake.Refused as exc:
+                raise CommandRefused(str(exc)) from None
             command, args = verify_command(self.config.secret, body, message.headers)
             handler = self.handlers[command]
             try:

@@ -1,47 +1,73 @@
-"""Sends conductor messages by name, signed with an instance's secret."""
+"""Sends conductor messages by name, signed with an instance's secret.
 
+A message is a plain call in Celery's message format (protocol 2), built here rather than by
+a Celery app: no reply address, no expiry, no callbacks — the conductor refuses a guest's
+message that asks for any of those. Published to the conductor's exchange without declaring
+anything (a guest holds no right to), with publisher confirms on RabbitMQ: ``send`` returns
+only once the broker has the message, and raises when it could not be handed over.
+"""
+
+import json
+import os
+import socket
 import time
+import uuid
 
-from celery import Celery
+from kombu import Connection, Exchange, Producer
 
 import dbaas.broker  # noqa: F401  registers the embedded broker's URL scheme
 from dbaas import signing, wire
-from dbaas.queues import queue
 from workers.guestagent.config import GuestConfig
 
 GUEST_AGENT_VERSION = "1.0"
+ORIGIN = f"guest@{socket.gethostname()}:{os.getpid()}"
 
 
-def guest_app(broker_url: str, conductor_queue: str) -> Celery:
-    """A Celery app that can only publish to the conductor: no tasks, no database."""
-    app = Celery("guestagent", broker=broker_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_queues=[queue(conductor_queue)],
-        task_routes={"conductor.*": {"queue": conductor_queue}},
-        broker_transport_options={"confirm_publish": True, "polling_interval": 0.05},
-        broker_connection_retry_on_startup=True,
-    )
-    return app
-
-
-def send_signed(app: Celery, instance_id: str, secret: str, generation: int, task_name: str,
-                args: list, kwargs: dict | None = None) -> None:
+def build_message(instance_id: str, secret: str, generation: int, task_name: str, args: list,
+                  kwargs: dict | None = None) -> dict:
+    """The body, headers and properties of one signed task message (kombu publish kwargs)."""
     kwargs = kwargs or {}
-    header = signing.auth_header(signing.instance_principal(instance_id), secret, task_name,
-                                 args, kwargs, generation=generation)
-    app.send_task(task_name, args=args, kwargs=kwargs, headers={wire.AUTH_HEADER: header})
+    task_id = str(uuid.uuid4())
+    headers = {
+        "lang": "py", "task": task_name, "id": task_id, "root_id": task_id, "parent_id": None,
+        "group": None, "eta": None, "expires": None, "retries": 0, "timelimit": [None, None],
+        "ignore_result": True, "origin": ORIGIN,
+        wire.AUTH_HEADER: signing.auth_header(signing.instance_principal(instance_id), secret,
+                                              task_name, args, kwargs, generation=generation),
+    }
+    body = json.dumps([args, kwargs, {"callbacks": None, "errbacks": None, "chain": None,
+                                      "chord": None}], allow_nan=False).encode()
+    return {"body": body, "headers": headers, "correlation_id": task_id,
+            "content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 2}
 
 
 class ConductorClient:
-    def __init__(self, config: GuestConfig):
+    def __init__(self, config: GuestConfig, *, confirm: bool = True):
         self.config = config
-        self.app = guest_app(config.broker_url, config.conductor_queue)
+        self.connection = Connection(config.broker_url,
+                                     transport_options={"confirm_publish": confirm})
+        self.exchange = Exchange(config.conductor_queue, type="direct")
+        self._producer = None
+
+    def producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(self.connection.default_channel, exchange=self.exchange,
+                                      routing_key=self.config.conductor_queue, auto_declare=False)
+        return self._producer
 
     def send(self, task_name: str, args: list, kwargs: dict | None = None) -> None:
-        send_signed(self.app, self.config.instance_id, self.config.secret, self.config.generation,
-                    task_name, args, kwargs)
+        message = build_message(self.config.instance_id, self.config.secret,
+                                self.config.generation, task_name, args, kwargs)
+        publish = self.connection.ensure(self, self._publish, max_retries=3,
+                                         interval_start=0.2, interval_step=0.5, interval_max=1)
+        publish(message)
+
+    def _publish(self, message: dict) -> None:
+        self.producer().publish(**message)
+
+    def revive(self, channel) -> None:
+        """kombu's ensure() calls this after reconnecting: publish on the new channel."""
+        self._producer = None
 
     def heartbeat(self, service_status: str | None = None, sent: float | None = None,
                   **payload) -> None:
@@ -55,4 +81,4 @@ class ConductorClient:
                   [self.config.instance_id, backup_id, sent or time.time()], fields)
 
     def close(self) -> None:
-        self.app.close()
+        self.connection.release()

@@ -16,6 +16,8 @@ from dbaas import signing, wire
 
 EXCHANGE = Exchange("guestagent", type="direct", durable=True)
 COMMANDS = frozenset({"prepare", "restart", "backup", "stop"})
+# A command is a few hundred bytes: anything much larger is not one of ours.
+COMMAND_MAX_BYTES = 65536
 
 
 class CommandRefused(Exception):
@@ -43,8 +45,9 @@ def send_command(broker_url: str, instance_id: str, secret: str, command: str, a
 
 def verify_command(secret: str, body, headers) -> tuple[str, dict]:
     """(command, args) of an authentic command, or CommandRefused saying why."""
-    if not isinstance(body, dict) or body.get("command") not in COMMANDS \
-            or not isinstance(body.get("args"), dict):
+    if not isinstance(body, dict) or set(body) != {"command", "args"} \
+            or not isinstance(body["command"], str) or body["command"] not in COMMANDS \
+            or not isinstance(body["args"], dict):
         raise CommandRefused("malformed command")
     command, args = body["command"], body["args"]
     try:

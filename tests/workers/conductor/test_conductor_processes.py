@@ -14,10 +14,11 @@ from sqlalchemy import func, select
 
 from dbaas import db, signing, wire
 from dbaas.models import Backup, Instance, Watermark
+from tests.support.guests import Publisher
 from tests.support.services import ROOT, wait_until
 from tests.support.stack import make_backup, make_instances, publish_heartbeats, snapshot
 from workers.guestagent import config as guest_config
-from workers.guestagent.client import guest_app, send_signed
+from workers.guestagent.client import build_message
 
 STATUSES = ["running", "healthy", "shutdown", "crashed", "paused", "blocked"]
 
@@ -94,9 +95,9 @@ def test_hostile_messages_change_nothing_and_the_worker_keeps_serving(stack):
     worker = stack.worker().start()
     try:
         sent = time.time()
-        app = guest_app(stack.broker_url, "trove-conductor")
-        signed = lambda name, args, kwargs=None, instance=a, secret=secret_a, gen=1: send_signed(  # noqa: E731
-            app, instance, secret, gen, name, args, kwargs)
+        publisher = Publisher(stack.broker_url)
+        signed = lambda name, args, kwargs=None, instance=a, secret=secret_a, gen=1: publisher.signed(  # noqa: E731
+            name, args, secret, instance, gen, kwargs)
         signed(wire.HEARTBEAT_TASK, [a, {"service_status": "potato salad"}, sent])
         signed(wire.HEARTBEAT_TASK, [a, "not a dict", "yesterday"])
         signed(wire.HEARTBEAT_TASK, [a, {}])                                  # no sent
@@ -115,11 +116,15 @@ def test_hostile_messages_change_nothing_and_the_worker_keeps_serving(stack):
         signed("conductor.drop_everything", [a])                              # unknown name
         signed(wire.HEARTBEAT_TASK, [c, {"service_status": "running"}, sent],
                instance=c, secret=secret_c)                                   # deleted instance
-        app.send_task(wire.HEARTBEAT_TASK, args=[a, {"service_status": "shutdown"}, sent])  # unsigned
+        unsigned = build_message(a, secret_a, 1, wire.HEARTBEAT_TASK, [a, {"service_status": "shutdown"}, sent])
+        del unsigned["headers"][wire.AUTH_HEADER]
+        publisher.raw(**unsigned)
         no_generation = [a, {"service_status": "shutdown"}, sent]
-        app.send_task(wire.HEARTBEAT_TASK, args=no_generation, headers={wire.AUTH_HEADER: signing.auth_header(
-            signing.instance_principal(a), secret_a, wire.HEARTBEAT_TASK, no_generation, {})})
-        app.close()
+        publisher.signed(wire.HEARTBEAT_TASK, no_generation, secret_a, a, headers={
+            **build_message(a, secret_a, 1, wire.HEARTBEAT_TASK, no_generation)["headers"],
+            wire.AUTH_HEADER: signing.auth_header(signing.instance_principal(a), secret_a,
+                                                  wire.HEARTBEAT_TASK, no_generation, {})})
+        publisher.close()
         with Connection(stack.broker_url) as connection:
             producer = Producer(connection.default_channel)
             for name, body, content_type in [
@@ -128,14 +133,15 @@ def test_hostile_messages_change_nothing_and_the_worker_keeps_serving(stack):
                 (wire.HEARTBEAT_TASK, b"\x80\x04K\x01.", "application/x-python-serialize"),
             ]:
                 producer.publish(body, routing_key="trove-conductor", exchange="trove-conductor",
-                                 content_type=content_type, content_encoding="binary",
-                                 headers={"task": name, "id": str(uuid.uuid4())})
+                                 content_type=content_type, content_encoding="utf-8",
+                                 headers={"task": name, "id": str(uuid.uuid4()),
+                                          wire.AUTH_HEADER: {"v": 1, "principal": "service", "mac": "0" * 64}})
 
         expected_reasons = ["unknown service_status", "payload must be a mapping", "missing argument",
                             "exceeds the 65536-byte limit", "does not match the sender's credentials",
                             "signature does not verify", "does not belong to the sender's instance",
-                            "fields not writable by a guest", "instance credentials may not call",
-                            "unregistered task", "missing or malformed dbaas_auth header",
+                            "fields not writable by a guest", "is not served on this queue",
+                            "no 'dbaas_auth' header", "undecodable body", "is not application/json",
                             "no live credentials", "must carry its credentials' generation"]
         wait_until(lambda: all(r in worker.log() for r in expected_reasons), timeout=60,
                    message="a log line for every refused message")
@@ -214,10 +220,10 @@ def test_database_outage_means_retries_not_loss(stack):
         now = time.time()
         publish_heartbeats(stack.broker_url, secrets, [(i, now, "running") for i in secrets])
         instance_id = next(iter(secrets))
-        app = guest_app(stack.broker_url, "trove-conductor")
-        send_signed(app, instance_id, secrets[instance_id], 1, wire.UPDATE_BACKUP_TASK,
-                    [instance_id, backup_id, now], {"state": "BUILDING"})
-        app.close()
+        publisher = Publisher(stack.broker_url)
+        publisher.signed(wire.UPDATE_BACKUP_TASK, [instance_id, backup_id, now], secrets[instance_id],
+                         instance_id, kwargs={"state": "BUILDING"})
+        publisher.close()
         wait_until(lambda: "database unavailable" in worker.log(), timeout=30,
                    message="the worker noticing the outage")
         time.sleep(3)

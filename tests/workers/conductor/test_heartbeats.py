@@ -9,11 +9,11 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from dbaas import db, settings, signing, wire
+from dbaas import db, intake, settings, signing, wire
 from dbaas.models import Instance, Watermark
 from dbaas.status import HEARTBEAT_EXPIRED
 from workers.conductor import heartbeats, instances, ordering
-from workers.conductor.batching import Envelope
+from workers.conductor.guest_consumer import apply_batch
 from workers.conductor.messages import Heartbeat
 
 T0 = datetime(2030, 1, 1, 12, 0, 0)
@@ -23,6 +23,15 @@ RESTART = "restart required"
 def at(seconds: int) -> datetime:
     """A distinct conductor clock reading per batch, so tests can tell which batch wrote."""
     return T0 + timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A heartbeat message as it reaches the conductor: arguments and the auth header."""
+    task_id: str
+    args: list
+    kwargs: dict
+    auth: object
 
 
 @dataclass
@@ -63,7 +72,23 @@ def apply(*beats: Heartbeat, now: datetime = T0) -> set[str]:
 
 
 def handle(*envelopes: Envelope, now: datetime = T0) -> list:
-    return db.run_transaction(lambda session: heartbeats.handle_heartbeats(session, list(envelopes), now))
+    """As the guests' queue handles them: each sender verified on arrival (dbaas.intake),
+    then the verified ones applied in one batch (guest_consumer.apply_batch)."""
+    verdicts: list = [None] * len(envelopes)
+    accepted = []
+    for index, envelope in enumerate(envelopes):
+        try:
+            principal = intake.verify_sender(wire.HEARTBEAT_TASK, envelope.args, envelope.kwargs,
+                                             envelope.auth, settings.get().service_key)
+        except intake.Refused as exc:
+            verdicts[index] = str(exc)
+            continue
+        accepted.append((index, intake.TaskMessage(wire.HEARTBEAT_TASK, envelope.task_id,
+                                                   envelope.args, envelope.kwargs, principal)))
+    applied = db.run_transaction(lambda session: apply_batch(session, [t for _i, t in accepted], now))
+    for (index, _task), verdict in zip(accepted, applied):
+        verdicts[index] = verdict
+    return verdicts
 
 
 def row(instance_id: str) -> Instance:
@@ -100,7 +125,7 @@ def test_empty_payload_refreshes_last_heartbeat_only(guest):
     assert watermark(guest.instance_id) == 10
 
 
-def test_empty_payload_through_handle_heartbeats(guest):
+def test_empty_payload_through_the_guests_queue(guest):
     before = snapshot(guest.instance_id)
     assert handle(guest.envelope({}, time.time()), now=at(1)) == [None]
     assert snapshot(guest.instance_id) == dict(before, last_heartbeat=at(1))
@@ -239,7 +264,7 @@ def test_other_faults_or_heartbeats_leave_the_fault(guest, kind, status):
     assert (instance.fault_kind, instance.fault_message, instance.fault_at) == (kind, f"{kind} happened", at(-60))
 
 
-# --- handle_heartbeats: authentication within a batch --------------------------------------
+# --- the guests' queue: authentication within a batch --------------------------------------
 
 def test_forged_messages_are_refused_while_valid_ones_apply(control_plane):
     alice, bob, carol = new_guest("alice"), new_guest("bob"), new_guest("carol")

@@ -1,0 +1,231 @@
+"""What every consumer checks before anything else sees a message: its shape, its size, its
+nesting, who signed it and what that sender may ask for.
+
+Any process that consumes a queue others can write to runs these checks first, in the
+thread that receives the message — the conductor (guests' queue and control queue), the
+taskmanager and guests (their command queues). A message that fails is refused whole: no
+decoder, task machinery or pool process ever sees it, and nothing it carries (callbacks,
+an ETA, a reply address) is acted on.
+
+Reads no database: a signature is checked against keys derived from the service key
+(dbaas.signing). Standard library, kombu and amqp only: guests import it.
+"""
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+
+from amqp import serialization as amqp_serialization
+
+from dbaas import signing, wire
+
+log = logging.getLogger(__name__)
+
+# Deeper than any message the product sends (a heartbeat is 3 levels): a decoder or the
+# pickling of arguments for a pool child would otherwise recurse until the process dies.
+MAX_DEPTH = 12
+CONTENT_TYPE = "application/json"
+ENCODINGS = frozenset({"utf-8", "utf8"})
+UNDECODABLE = "dbaas_undecodable"
+
+# Celery's protocol-2 headers, each with the types a message may give it. Anything else is
+# refused: a header nobody checks is a header somebody will find a use for.
+_STR = (str,)
+_OPT_STR = (str, type(None))
+HEADER_TYPES = {
+    "lang": _STR, "task": _STR, "id": _STR, "shadow": _OPT_STR, "eta": (type(None),),
+    "expires": _OPT_STR, "group": (type(None),), "group_index": (type(None),),
+    "retries": (int,), "timelimit": (list,), "root_id": _OPT_STR, "parent_id": _OPT_STR,
+    "argsrepr": _OPT_STR, "kwargsrepr": _OPT_STR, "origin": _OPT_STR,
+    "ignore_result": (bool, type(None)), "replaced_task_nesting": (int,),
+    "stamped_headers": (type(None), list), "stamps": (dict,), "celery_beat_task": (bool,),
+    wire.AUTH_HEADER: (dict,),
+}
+REQUIRED_HEADERS = ("task", "id", wire.AUTH_HEADER)
+EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord"})
+
+
+class Refused(Exception):
+    """The message is malformed, forged or asks for what its sender may not have."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    instance_id: str | None  # None for the control-plane service
+    generation: int | None = None
+
+    @property
+    def is_service(self) -> bool:
+        return self.instance_id is None
+
+
+SERVICE = Principal(instance_id=None)
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """A task message that passed every check: who sent it and what it asks."""
+    task: str
+    id: str
+    args: list
+    kwargs: dict
+    principal: Principal
+
+
+def within_depth(value, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests no deeper than ``limit`` (iterative: a deep value must not
+    be what overflows the stack while checking it)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_json(body, content_type, content_encoding, max_bytes: int):
+    """The JSON value of a body, or Refused: wrong content type, too big, not UTF-8 JSON
+    (NaN and Infinity included), or nested too deep."""
+    if content_type != CONTENT_TYPE:
+        raise Refused(f"content type {str(content_type)[:64]!r} is not {CONTENT_TYPE}")
+    if content_encoding is not None and str(content_encoding).lower() not in ENCODINGS:
+        raise Refused(f"content encoding {str(content_encoding)[:32]!r} is not utf-8")
+    if not isinstance(body, (bytes, str)):
+        raise Refused("the body is not bytes")
+    if len(body) > max_bytes:
+        raise Refused(f"message of {len(body)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise Refused(f"undecodable body: {type(exc).__name__}: {str(exc)[:120]}") from None
+    if not within_depth(value):
+        raise Refused(f"the body nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def check_headers(headers) -> dict:
+    if not isinstance(headers, dict):
+        raise Refused("headers are not a mapping")
+    if UNDECODABLE in headers:
+        raise Refused(f"headers not decodable: {headers[UNDECODABLE]}")
+    for name in REQUIRED_HEADERS:
+        if name not in headers:
+            raise Refused(f"no {name!r} header")
+    for name, value in headers.items():
+        if name.startswith("x-"):
+            continue  # set by the broker (x-delivery-count, x-death), not by the sender
+        types = HEADER_TYPES.get(name)
+        if types is None:
+            raise Refused(f"unexpected header {str(name)[:64]!r}")
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            raise Refused(f"header {name!r} has the wrong type")
+    if not within_depth(headers):
+        raise Refused(f"headers nest deeper than {MAX_DEPTH} levels")
+    if len(headers["task"]) > 200 or not 0 < len(headers["id"]) <= 64:
+        raise Refused("header 'task' or 'id' is too long")
+    if headers.get("retries", 0) != 0:
+        raise Refused("a retried task (retries > 0) is never sent by the product")
+    limits = headers.get("timelimit", [None, None])
+    if len(limits) != 2 or any(not (limit is None or _finite_number(limit)) for limit in limits):
+        raise Refused("header 'timelimit' is not [soft, hard]")
+    return headers
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_body(payload) -> tuple[list, dict]:
+    """(args, kwargs) of Celery's ``[args, kwargs, embed]``; an embed asking for anything
+    (callbacks, errbacks, chain, chord) is refused: the product never sends one."""
+    if not (isinstance(payload, list) and len(payload) == 3):
+        raise Refused("the body is not [args, kwargs, embed]")
+    args, kwargs, embed = payload
+    if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(embed, dict):
+        raise Refused("the body is not [list, mapping, mapping]")
+    if set(embed) - EMBED_KEYS or any(embed.values()):
+        raise Refused("callbacks, errbacks, chains and chords are refused")
+    return args, kwargs
+
+
+def verify_sender(task_name: str, args, kwargs, header, service_key: str) -> Principal:
+    """The sender, if the signature verifies and the sender may call ``task_name`` with
+    these arguments: guests only the guest tasks and only about their own instance,
+    everything else only the service. Refused otherwise."""
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise Refused("arguments are not a list and a mapping")
+    try:
+        claim = signing.parse_header(header)
+        signing.verify_claim(service_key, claim, task_name, args, kwargs)
+    except signing.AuthError as exc:
+        raise Refused(f"unauthenticated: {exc}") from None
+    principal = Principal(claim.instance_id, claim.generation)
+    if task_name in wire.GUEST_TASKS:
+        if principal.is_service:
+            raise Refused(f"{task_name} is sent by guests only")
+        instance_id = args[0] if args else kwargs.get("instance_id")
+        if instance_id != principal.instance_id:
+            raise Refused("instance_id does not match the sender's credentials")
+    elif not principal.is_service:
+        raise Refused(f"instance credentials may not call {task_name}")
+    return principal
+
+
+def check_task_message(message, *, tasks, max_bytes: int, service_key: str) -> TaskMessage:
+    """Every check of a Celery task message (a kombu Message) arriving on a queue that
+    serves ``tasks``: shape, size, headers, nesting, signature, and what the sender may
+    ask. A guest's message must be a plain call: no expiry, no reply address."""
+    headers = check_headers(message.headers)
+    task_name = headers["task"]
+    if task_name not in tasks:
+        raise Refused(f"task {task_name[:64]!r} is not served on this queue")
+    args, kwargs = check_body(decode_json(message.body, message.content_type,
+                                          message.content_encoding, max_bytes))
+    principal = verify_sender(task_name, args, kwargs, headers[wire.AUTH_HEADER], service_key)
+    if not principal.is_service and (headers.get("expires") is not None
+                                     or message.properties.get("reply_to")):
+        raise Refused("a guest's message may not expire or ask for a reply")
+    return TaskMessage(task_name, headers["id"], args, kwargs, principal)
+
+
+def describe(message) -> str:
+    """``task[id]`` of a message for a log line, whatever its headers hold."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task, task_id = headers.get("task"), headers.get("id")
+    return (f"{task[:64] if isinstance(task, str) else 'message'}"
+            f"[{task_id[:64] if isinstance(task_id, str) else '?'}]")
+
+
+def _guard_amqp_properties():
+    """py-amqp decodes a message's header table recursively, in the connection's own
+    thread, before any consumer sees it: a table nested a few thousand levels deep raised
+    RecursionError there and ended the process, and the message, never acknowledged, went
+    to the next consumer. Decoding it here instead marks the message as undecodable, so it
+    reaches its consumer's checks and is refused like any other."""
+    decode = amqp_serialization.PROPERTY_CLASSES[60]  # Basic
+    if getattr(decode, "guarded", False):
+        return
+
+    def decode_guarded(buf, offset):
+        try:
+            return decode(buf, offset)
+        except RecursionError:
+            return {"application_headers": {UNDECODABLE: "nested too deeply"}}, offset
+
+    decode_guarded.guarded = True
+    amqp_serialization.PROPERTY_CLASSES[60] = decode_guarded
+
+
+_guard_amqp_properties()

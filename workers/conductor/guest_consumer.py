@@ -1,0 +1,218 @@
+"""The consumer of the guests' queue (``trove-conductor``): a bootstep of the conductor's
+worker with a channel of its own, not a Celery task.
+
+Each message passes dbaas.intake's checks as it arrives, in the consumer's thread; a
+refused one is rejected at once, without requeue, with one log line, before any database
+work. Accepted messages — heartbeats and backup updates — wait unacknowledged and are
+written many per transaction: up to ``heartbeat_batch_size`` of them, or whatever arrived
+within ``heartbeat_batch_interval``. Only after that transaction committed are they
+acknowledged, on RabbitMQ with one ``basic.ack(multiple=True)`` for the whole batch.
+A worker that dies before then hands them back to the broker. While the database is away
+the batch is kept and retried with backoff; the channel's prefetch limit stops the buffer
+from growing meanwhile.
+
+Nothing a guest sends makes the conductor publish anything: there are no callbacks,
+retries or replies on this path.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from celery import bootsteps
+from kombu import Consumer
+
+from dbaas import db, intake, settings, wire
+from dbaas.models import utcnow
+from dbaas.queues import queue
+from workers.conductor import auth, backups, heartbeats
+from workers.conductor.messages import MessageRejected
+
+log = logging.getLogger(__name__)
+
+GUEST_TASKS = wire.GUEST_TASKS
+
+
+@dataclass
+class Delivery:
+    message: object
+    task: intake.TaskMessage
+
+
+def apply_batch(session, tasks: list[intake.TaskMessage], now=None) -> list[str | None]:
+    """Per message, None (applied, or stale and discarded) or why it is refused. The
+    signatures were checked on arrival; here: are the senders' credentials still live,
+    then heartbeats in one pass and each backup update in a savepoint of its own (a
+    refused one is rolled back alone). Heartbeats first and backups in id order, so two
+    conductors' batches take their row locks in the same order."""
+    now = now or utcnow()
+    verdicts = auth.refuse_revoked(session, [task.principal for task in tasks])
+    beats = [i for i, task in enumerate(tasks) if verdicts[i] is None and task.task == wire.HEARTBEAT_TASK]
+    for index, verdict in zip(beats, heartbeats.handle(session, [tasks[i] for i in beats], now)):
+        verdicts[index] = verdict
+    updates = []
+    for index, task in enumerate(tasks):
+        if verdicts[index] is None and task.task == wire.UPDATE_BACKUP_TASK:
+            try:
+                updates.append((backups.parse_update(task.args, task.kwargs), index))
+            except MessageRejected as exc:
+                verdicts[index] = str(exc)
+    for change, index in sorted(updates, key=lambda item: (item[0].backup_id, item[0].sent)):
+        try:
+            with session.begin_nested():
+                backups.apply_update(session, change, now)
+        except MessageRejected as exc:
+            verdicts[index] = str(exc)
+    return verdicts
+
+
+class GuestQueue(bootsteps.ConsumerStep):
+    """Started by every conductor worker that consumes the guests' queue (dbaas.celery
+    hands that queue to this step rather than to Celery's task consumer)."""
+
+    def start(self, c):
+        from dbaas import celery as dbaas_celery
+        self.batcher = None
+        if dbaas_celery.guest_queue is None:
+            return
+        self.c = c
+        super().start(c)
+
+    def get_consumers(self, channel):
+        config = settings.get()
+        # Room for a whole batch arriving while the previous one commits; per consumer,
+        # never global (quorum queues refuse a global prefetch).
+        channel.basic_qos(0, 2 * config.heartbeat_batch_size, False)
+        self.batcher = Batcher(self.c, channel, config)
+        return [Consumer(channel, queues=[queue(config.conductor_queue)], no_ack=False,
+                         on_message=self.batcher.on_message)]
+
+    def stop(self, c):
+        if self.batcher:
+            self.batcher.forget()  # unacknowledged deliveries go back when the channel closes
+        super().stop(c)
+
+    def shutdown(self, c):
+        if self.batcher:
+            self.batcher.forget()
+        super().shutdown(c)
+
+
+class Batcher:
+    def __init__(self, consumer, channel, config):
+        self.consumer = consumer
+        self.size = config.heartbeat_batch_size
+        self.interval = config.heartbeat_batch_interval
+        self.max_bytes = config.max_message_bytes
+        self.service_key = config.service_key
+        self.errors = consumer.connection_errors
+        # Only AMQP acknowledges many deliveries at once; kombu's virtual transports (the
+        # embedded broker) take one tag per ack.
+        self.ack_many = channel.connection.client.transport.driver_type == "amqp"
+        self.pending: list[Delivery] = []
+        self.timer_armed = False
+        self.retry_delay = 0.0
+        self.generation = 0  # bumped by forget(): a timer armed before must not flush
+
+    def on_message(self, message) -> None:
+        try:
+            task = intake.check_task_message(message, tasks=GUEST_TASKS, max_bytes=self.max_bytes,
+                                             service_key=self.service_key)
+        except intake.Refused as exc:
+            self.refuse(message, intake.describe(message), str(exc))
+            return
+        self.pending.append(Delivery(message, task))
+        if len(self.pending) >= self.size and not self.retry_delay:
+            self.flush()
+        elif not self.timer_armed:
+            self._arm(self.interval)
+
+    def forget(self) -> None:
+        self.pending = []
+        self.generation += 1
+        self.timer_armed = False
+
+    def _arm(self, delay: float) -> None:
+        self.timer_armed = True
+        generation = self.generation
+        if self.consumer.hub is not None:
+            # The hub's timer fires inside the consumer's loop: flush right there.
+            # (Hub.call_soon from the loop's own thread would not wake it: the batch
+            # would wait for the next message or an unrelated timer.)
+            self.consumer.timer.call_after(delay, self._on_timer, (generation,))
+        else:
+            # A timer thread: hand the flush to the consumer's thread.
+            self.consumer.timer.call_after(delay, self.consumer.call_soon, (self._on_timer, generation))
+
+    def _on_timer(self, generation: int) -> None:
+        if generation != self.generation:
+            return
+        self.timer_armed = False
+        self.flush()
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending[:self.size], self.pending[self.size:]
+        if not batch:
+            return
+        try:
+            verdicts = self._run_batch([delivery.task for delivery in batch])
+        except Exception as exc:
+            if not db.is_retryable(exc):
+                raise
+            self.pending = batch + self.pending
+            self.retry_delay = min(max(self.retry_delay * 2, 0.1), 5.0)
+            log.warning("guests' queue: database unavailable (%s); %d messages kept, retry in %.1fs",
+                        exc, len(self.pending), self.retry_delay)
+            self._arm(self.retry_delay)
+            return
+        self.retry_delay = 0.0
+        self._settle(batch, verdicts)
+        if self.pending and not self.timer_armed:
+            self._arm(0 if len(self.pending) >= self.size else self.interval)
+
+    def _settle(self, batch: list[Delivery], verdicts: list) -> None:
+        """Refused ones rejected one by one, the rest acknowledged. Everything delivered
+        before this batch is already settled (refused on arrival, or acknowledged with an
+        earlier batch), so one multiple-ack of the newest accepted delivery settles
+        exactly the accepted ones."""
+        newest = None
+        for delivery, verdict in zip(batch, verdicts):
+            if verdict is None:
+                newest = delivery
+                if not self.ack_many:
+                    delivery.message.ack_log_error(log, self.errors)
+            else:
+                self.refuse(delivery.message, f"{delivery.task.task}[{delivery.task.id}]", verdict)
+        if newest is not None and self.ack_many:
+            try:
+                newest.message.ack(multiple=True)
+            except self.errors:
+                log.exception("acknowledging a batch failed: the broker redelivers it")
+
+    def _run_batch(self, tasks: list[intake.TaskMessage]) -> list:
+        """Verdicts for the whole batch; when the batch fails for another reason than the
+        database being away, each message alone, so one bad message cannot block the others."""
+        try:
+            return self._run(tasks)
+        except Exception as exc:
+            if db.is_retryable(exc):
+                raise
+            log.exception("guests' queue: batch of %d failed; applying one by one", len(tasks))
+        return [self._run_alone(task) for task in tasks]
+
+    @staticmethod
+    def _run(tasks: list[intake.TaskMessage]) -> list:
+        return db.run_transaction(lambda session: apply_batch(session, tasks), retry_for=0)
+
+    def _run_alone(self, task: intake.TaskMessage):
+        try:
+            return self._run([task])[0]
+        except Exception as exc:
+            if db.is_retryable(exc):
+                raise
+            log.exception("%s[%s] failed", task.task, task.id)
+            return f"failed: {type(exc).__name__}"
+
+    def refuse(self, message, what: str, reason: str) -> None:
+        log.warning("refused %s on the guests' queue: %s", what, reason)
+        message.reject_log_error(log, self.errors, requeue=False)
+
