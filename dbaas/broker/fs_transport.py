@@ -170,13 +170,15 @@ class Channel(filesystem.Channel):
             return None
         try:
             payload = loads((transport.unacked_dir / owned).read_bytes())
-        except ValueError:
-            # Only a power loss (no fsync) can truncate a file; set aside so it cannot stop consumers.
+            delivery_tag = payload["properties"]["delivery_tag"]
+        except (ValueError, RecursionError, KeyError, TypeError):
+            # A power loss (no fsync) can truncate a file, and a file written by hand may
+            # hold anything: set it aside so it cannot stop consumers.
             logger.error("undecodable message %s moved to %s", name, transport.corrupt_dir)
             transport.corrupt_dir.mkdir(exist_ok=True)
             os.rename(transport.unacked_dir / owned, transport.corrupt_dir / name)
             return None
-        transport.unacked_by_tag[payload["properties"]["delivery_tag"]] = owned
+        transport.unacked_by_tag[delivery_tag] = owned
         return payload
 
     def _discard(self, delivery_tag):
