@@ -87,6 +87,19 @@ OPTIONS: tuple[Option, ...] = (
            "an instance still BUILD this long after creation turns ERROR", used_by="conductor"),
     Option("backup_timeout", "DBAAS_BACKUP_TIMEOUT", float, "3600",
            "a backup unfinished this long after creation turns FAILED", used_by="conductor"),
+    Option("broker_admin_url", "DBAAS_BROKER_ADMIN_URL", str, "",
+           "RabbitMQ's management API with an administrator's credentials "
+           "(`http://user:pass@host:15672`): the taskmanager creates and deletes each "
+           "instance's own broker user through it; required with RabbitMQ",
+           used_by="taskmanager", default_text="(none)"),
+    Option("guest_max_connections", "DBAAS_GUEST_MAX_CONNECTIONS", int, "3",
+           "connections a guest's broker user may hold at once", used_by="taskmanager"),
+    Option("guest_max_channels", "DBAAS_GUEST_MAX_CHANNELS", int, "8",
+           "channels a guest's broker user may hold at once", used_by="taskmanager"),
+    Option("require_guest_user_id", "DBAAS_REQUIRE_GUEST_USER_ID", bool, "true",
+           "on RabbitMQ, refuse a guest's message unless RabbitMQ vouched for its sender "
+           "(the `user_id` property names that instance's broker user); turn off only to "
+           "impersonate many guests over one connection (benchmarks)", used_by="conductor"),
     Option("compute_driver", "DBAAS_COMPUTE_DRIVER", str, "local",
            "how the taskmanager runs guests: `local`, one OS process per instance",
            used_by="taskmanager"),
@@ -130,9 +143,16 @@ class SettingError(ValueError):
     """A setting's value cannot be used."""
 
 
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _convert(option: Option, text: str):
     if option.type is str:
         return text
+    if option.type is bool:
+        if text.lower() not in BOOLEANS:
+            raise SettingError(f"{option.env}={text!r} is not true or false")
+        return BOOLEANS[text.lower()]
     try:
         value = option.type(text)
     except ValueError:

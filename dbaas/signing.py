@@ -47,11 +47,21 @@ def instance_principal(instance_id: str) -> str:
     return INSTANCE_PREFIX + instance_id
 
 
+def _derive(service_key: str, purpose: str, instance_id: str, generation: int) -> str:
+    label = f"{purpose}\0{instance_id}\0{generation}".encode()
+    return hmac.new(service_key.encode(), label, hashlib.sha256).hexdigest()
+
+
 def guest_secret(service_key: str, instance_id: str, generation: int) -> str:
     """The secret of one generation of an instance's guest credentials. A new generation
     (or deleting the instance) revokes the old secret without anything to erase."""
-    label = f"dbaas guest key\0{instance_id}\0{generation}".encode()
-    return hmac.new(service_key.encode(), label, hashlib.sha256).hexdigest()
+    return _derive(service_key, "dbaas guest key", instance_id, generation)
+
+
+def guest_broker_password(service_key: str, instance_id: str, generation: int) -> str:
+    """The password of the instance's own broker user (a separate derivation: knowing
+    one of the two tells nothing of the other)."""
+    return _derive(service_key, "dbaas guest broker password", instance_id, generation)
 
 
 def auth_header(principal: str, key: str, task_name: str, args, kwargs,

@@ -10,6 +10,13 @@ GUEST_TASKS = frozenset({HEARTBEAT_TASK, UPDATE_BACKUP_TASK})
 # Header carrying the sender's proof of identity (see dbaas.signing).
 AUTH_HEADER = "dbaas_auth"
 
+
+def guest_broker_user(instance_id: str) -> str:
+    """The RabbitMQ user of an instance's guest. A guest publishes with it as the message's
+    ``user_id``, which RabbitMQ checks against the connection's user: the broker vouches
+    for the sender, besides the signature."""
+    return f"instance-{instance_id}"
+
 # Datastore statuses as a guest reports them (Trove's descriptions, each distinct).
 SERVICE_STATUSES = frozenset({
     "new", "building", "running", "healthy", "shutdown", "crashed", "blocked", "paused",

@@ -4,7 +4,7 @@ import pytest
 
 import dbaas.broker
 from dbaas import db, migrations
-from tests.support.services import (AMQP_HOST, PostgresDatabase, RabbitVhost, check_port,
+from tests.support.services import (AMQP_ADMIN_URL, AMQP_HOST, PostgresDatabase, RabbitVhost, check_port,
                                     project_env, unavailable)
 from tests.support.stack import SERVICE_KEY, SLEEP, Running, Stack, configure
 
@@ -55,6 +55,8 @@ def control_plane(monkeypatch, tmp_path, database_url):
 def env_for(tmp_path):
     """Environment for child processes (workers, CLI) of one test."""
     def build(database_url: str, broker_url: str, **extra) -> dict:
+        if broker_url.startswith("amqp"):
+            extra.setdefault("DBAAS_BROKER_ADMIN_URL", AMQP_ADMIN_URL)
         return project_env(DBAAS_VAR_DIR=str(tmp_path / "var"), DBAAS_DATABASE_URL=database_url,
                            DBAAS_BROKER_URL=broker_url, DBAAS_SERVICE_KEY=SERVICE_KEY, **extra)
     return build

@@ -3,6 +3,7 @@
 With CI=true an unreachable PostgreSQL or RabbitMQ fails the run instead of skipping.
 """
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tests/support/services.py)
 PG_ADMIN_URL = os.environ.get("DBAAS_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 AMQP_HOST = os.environ.get("DBAAS_TEST_AMQP_HOST", "127.0.0.1:5672")
+# RabbitMQ's management API (the taskmanager makes each guest's broker user through it).
+AMQP_ADMIN_URL = os.environ.get("DBAAS_TEST_AMQP_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 
 
 def unavailable(what: str, exc: BaseException):
@@ -63,6 +66,13 @@ class RabbitVhost:
         return self
 
     def drop(self):
+        # Users are global: remove the guests' users made for this vhost with it.
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_permissions", "-p", self.name, "--formatter", "json"],
+                                capture_output=True, text=True, timeout=60)
+        for entry in json.loads(listed.stdout or "[]"):
+            if entry["user"].startswith("instance-"):
+                subprocess.run(["rabbitmqctl", "-q", "delete_user", entry["user"]],
+                               capture_output=True, timeout=60)
         _rabbitmqctl("delete_vhost", self.name)
 
 

@@ -114,6 +114,10 @@ class Stack:
     postgres: object = None
 
     def worker(self, name="conductor", queue="trove-conductor", **env) -> Worker:
+        """A worker for tests that impersonate many guests over one broker connection
+        (tests.support.guests.Publisher): RabbitMQ cannot vouch for each of them, so the
+        conductor's user_id check is off unless ``env`` turns it on."""
+        env = {"DBAAS_REQUIRE_GUEST_USER_ID": "false", **env}
         return Worker({**self.env, **env}, self.tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.log",
                       queue=queue)
 

@@ -107,7 +107,12 @@ class Batcher:
         self.errors = consumer.connection_errors
         # Only AMQP acknowledges many deliveries at once; kombu's virtual transports (the
         # embedded broker) take one tag per ack.
-        self.ack_many = channel.connection.client.transport.driver_type == "amqp"
+        rabbitmq = channel.connection.client.transport.driver_type == "amqp"
+        self.ack_many = rabbitmq
+        # RabbitMQ checks a message's user_id against the publishing connection's user:
+        # requiring it to be the instance's own broker user means the broker vouches for
+        # the sender, besides the signature. The embedded broker has no users.
+        self.require_user_id = rabbitmq and config.require_guest_user_id
         self.pending: list[Delivery] = []
         self.timer_armed = False
         self.retry_delay = 0.0
@@ -117,6 +122,10 @@ class Batcher:
         try:
             task = intake.check_task_message(message, tasks=GUEST_TASKS, max_bytes=self.max_bytes,
                                              service_key=self.service_key)
+            if self.require_user_id and message.properties.get("user_id") != \
+                    wire.guest_broker_user(task.principal.instance_id):
+                raise intake.Refused("the broker does not vouch for the sender: its user_id is "
+                                     "not the instance's own broker user")
         except intake.Refused as exc:
             self.refuse(message, intake.describe(message), str(exc))
             return

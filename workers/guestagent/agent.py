@@ -165,8 +165,8 @@ class Agent(ConsumerMixin):
     def get_consumers(self, Consumer, channel):
         # on_message: the raw message, decoded by our own checks (kombu's decoder would
         # raise on a malformed body right through this loop).
-        return [Consumer(queues=[command_queue(self.config.instance_id)], prefetch_count=1,
-                         on_message=self.on_message)]
+        return [Consumer(queues=[command_queue(self.config.instance_id, declare=False)],
+                         prefetch_count=1, on_message=self.on_message)]
 
     def on_message(self, message) -> None:
         """Carry out one command, then acknowledge it, whatever the outcome: a refused or

@@ -47,6 +47,10 @@ class ConductorClient:
         self.connection = Connection(config.broker_url,
                                      transport_options={"confirm_publish": confirm})
         self.exchange = Exchange(config.conductor_queue, type="direct")
+        # On RabbitMQ the message names its sender's broker user, which RabbitMQ checks
+        # against the connection's: the conductor refuses a guest's message without it.
+        self.user_id = (self.connection.userid
+                        if self.connection.transport.driver_type == "amqp" else None)
         self._producer = None
 
     def producer(self) -> Producer:
@@ -63,7 +67,7 @@ class ConductorClient:
         publish(message)
 
     def _publish(self, message: dict) -> None:
-        self.producer().publish(**message)
+        self.producer().publish(**message, user_id=self.user_id)
 
     def revive(self, channel) -> None:
         """kombu's ensure() calls this after reconnecting: publish on the new channel."""

@@ -24,8 +24,11 @@ class CommandRefused(Exception):
     """Not a command this guest may carry out."""
 
 
-def command_queue(instance_id: str) -> Queue:
-    return Queue(f"guestagent.{instance_id}", EXCHANGE, routing_key=instance_id, durable=True)
+def command_queue(instance_id: str, declare: bool = True) -> Queue:
+    """The guest consumes it with ``declare=False``: the control plane declares it, and a
+    guest's broker user may configure nothing."""
+    return Queue(f"guestagent.{instance_id}", EXCHANGE, routing_key=instance_id, durable=True,
+                 no_declare=not declare)
 
 
 def send_command(broker_url: str, instance_id: str, secret: str, command: str, args: dict) -> None:

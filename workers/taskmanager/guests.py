@@ -7,10 +7,12 @@ the guest's config and when it signs a command, and nothing secret crosses the b
 
 import os
 
+from kombu import Connection
 from kombu.exceptions import KombuError
 
 from dbaas import settings, signing
-from workers.guestagent.api import GuestConfig, send_command
+from dbaas.queues import queue
+from workers.guestagent.api import GuestConfig, command_queue, send_command
 
 
 class GuestUnreachable(Exception):
@@ -25,14 +27,29 @@ def secret(instance_id: str, generation: int) -> str:
     return signing.guest_secret(settings.get().service_key, instance_id, generation)
 
 
-def config_for(instance_id: str, generation: int, datastore: str) -> GuestConfig:
-    """Everything but where its data lives, which the compute driver decides."""
+def config_for(instance_id: str, generation: int, datastore: str, broker_url: str) -> GuestConfig:
+    """Everything but where its data lives, which the compute driver decides;
+    ``broker_url`` holds the guest's own broker user (broker_users.py)."""
     config = settings.get()
     return GuestConfig(
         instance_id=instance_id, secret=secret(instance_id, generation), generation=generation,
-        broker_url=config.broker_url, conductor_queue=config.conductor_queue,
+        broker_url=broker_url, conductor_queue=config.conductor_queue,
         datastore=datastore, backup_root=backup_root(),
         heartbeat_interval=config.guest_heartbeat_interval)
+
+
+def declare_queues(instance_id: str) -> None:
+    """Everything a guest uses, declared by the control plane: the guest may configure
+    nothing. Its command queue, and the conductor's exchange and queue it publishes to."""
+    with Connection(settings.get().broker_url) as connection:
+        channel = connection.default_channel
+        for declared in (command_queue(instance_id), queue(settings.get().conductor_queue)):
+            declared(channel).declare()
+
+
+def delete_queues(instance_id: str) -> None:
+    with Connection(settings.get().broker_url) as connection:
+        command_queue(instance_id)(connection.default_channel).delete()
 
 
 def send(instance_id: str, generation: int, command: str, args: dict) -> None:

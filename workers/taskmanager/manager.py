@@ -9,10 +9,13 @@ conductor's client.
 import logging
 from datetime import datetime, timezone
 
+from kombu.exceptions import KombuError
+
 from dbaas.storage import LocalStorage, StorageError
 from workers.conductor.api import ConductorAPI
 from workers.guestagent.api import DATASTORES
 from workers.taskmanager import guests
+from workers.taskmanager.broker_users import BrokerUserError, BrokerUsers
 from workers.taskmanager.compute import ComputeDriver, SpawnError
 from workers.taskmanager.guests import GuestUnreachable
 
@@ -22,15 +25,17 @@ PROVISIONING_FAILED = "provisioning_failed"
 
 
 class Manager:
-    def __init__(self, driver: ComputeDriver, conductor: ConductorAPI):
+    def __init__(self, driver: ComputeDriver, conductor: ConductorAPI,
+                 broker_users: BrokerUsers | None = None):
         self.driver = driver
         self.conductor = conductor
+        self.broker_users = broker_users or BrokerUsers()
 
     def create_instance(self, instance_id: str, datastore: str, restore_location: str | None,
                         generation: int) -> None:
-        """Start the guest with its config, unless an earlier delivery already did, and ask
-        it to prepare its datastore. A guest may so receive prepare twice; it treats the
-        second as done."""
+        """Give the guest its broker user and queues, start it with its config unless an
+        earlier delivery already did, and ask it to prepare its datastore. A guest may so
+        receive prepare twice; it treats the second as done."""
         prepare = {"restore_location": restore_location} if restore_location else {}
         try:
             if datastore not in DATASTORES:
@@ -39,16 +44,23 @@ class Manager:
                 host, port = self.driver.allocate_endpoint(instance_id)
                 self.conductor.instance_update(instance_id, host=host, port=port)
                 prepare["port"] = port
-            self.driver.spawn(instance_id, guests.config_for(instance_id, generation, datastore))
+            guests.declare_queues(instance_id)
+            broker_url = self.broker_users.ensure(instance_id, generation,
+                                                  self.driver.broker_endpoint(instance_id))
+            self.driver.spawn(instance_id, guests.config_for(instance_id, generation, datastore, broker_url))
             guests.send(instance_id, generation, "prepare", prepare)
-        except (SpawnError, GuestUnreachable) as exc:
+        except (SpawnError, GuestUnreachable, BrokerUserError, KombuError, OSError) as exc:
             log.warning("provisioning %s failed: %s", instance_id, exc)
             self.conductor.instance_update(
                 instance_id, fault_kind=PROVISIONING_FAILED, fault_message=str(exc),
                 fault_at=datetime.now(timezone.utc).isoformat())
 
     def delete_instance(self, instance_id: str) -> None:
+        """Its guest and data first, then its broker user (which closes the guest's
+        connections, should one have escaped) and command queue, then the record."""
         self.driver.destroy(instance_id)
+        self.broker_users.remove(instance_id)
+        guests.delete_queues(instance_id)
         self.conductor.instance_deleted(instance_id)
 
     def restart_instance(self, instance_id: str, generation: int) -> None:

@@ -25,6 +25,11 @@ class ComputeDriver(ABC):
         """Stop the guest and everything it started and remove all the instance's files.
         Idempotent: destroying what is already gone does nothing."""
 
+    def broker_endpoint(self, instance_id: str) -> tuple[str, int] | None:
+        """(host, port) at which the instance's guest reaches the broker, when that is not
+        where the control plane reaches it (a guest in a network of its own)."""
+        return None
+
     @abstractmethod
     def allocate_endpoint(self, instance_id: str) -> tuple[str, int]:
         """(host, port) the instance's database will listen on; the same answer on every
