@@ -23,12 +23,14 @@ killed predecessor left running) and reports as above: the instance recovers.
 import contextlib
 import hashlib
 import inspect
+import ipaddress
 import json
 import logging
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from kombu import Connection
 from kombu.mixins import ConsumerMixin
@@ -60,16 +62,29 @@ PHASE_STATUS = {
 class Reporter:
     """Signed messages to the conductor, one at a time, each ``sent`` later than the one
     before: the conductor discards a message not newer than the last it applied for the
-    same instance or backup, and time.time() can return the same value twice."""
+    same instance or backup, and time.time() can return the same value twice.
 
-    def __init__(self, client: ConductorClient):
+    A heartbeat that cannot be sent is dropped (the next one says the same, newer). A
+    backup report is written to the outbox (``data_dir/outbox``) before it is sent and
+    removed only once the broker confirmed it: reports that could not be delivered — the
+    broker away, the link cut — are sent, in order, when it can be reached again, also
+    after the agent restarts.
+    """
+
+    def __init__(self, client: ConductorClient, outbox: Path):
         self.client = client
+        self.outbox = outbox
+        self.outbox.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._last_sent = 0.0
+        # Never below a report still waiting: it must stay older than what follows it.
+        self._last_sent = max((float(p.name.split("-", 1)[0]) for p in self._waiting()), default=0.0)
 
     def _sent(self) -> float:
         self._last_sent = max(time.time(), self._last_sent + 1e-6)
         return self._last_sent
+
+    def _waiting(self) -> list[Path]:
+        return sorted(self.outbox.glob("*.json"))
 
     def heartbeat(self, status: str | None) -> None:
         with self._lock:
@@ -77,10 +92,26 @@ class Reporter:
                 self.client.heartbeat(service_status=status, sent=self._sent())
             except Exception:  # the broker may be away: the next heartbeat tries again
                 log.exception("heartbeat not sent")
+                return
+            self._deliver_waiting()
 
     def update_backup(self, backup_id: str, **fields) -> None:
         with self._lock:
-            self.client.update_backup(backup_id, sent=self._sent(), **fields)
+            sent = self._sent()
+            write_json(self.outbox / f"{sent:020.6f}-{backup_id}.json",
+                       {"backup_id": backup_id, "sent": sent, "fields": fields})
+            self._deliver_waiting()
+
+    def _deliver_waiting(self) -> None:
+        for path in self._waiting():
+            report = json.loads(path.read_text())
+            try:
+                self.client.update_backup(report["backup_id"], sent=report["sent"], **report["fields"])
+            except Exception:
+                log.warning("backup report for %s kept for later: the broker did not take it",
+                            report["backup_id"], exc_info=True)
+                return
+            path.unlink()
 
     def close(self) -> None:
         self.client.close()
@@ -96,7 +127,7 @@ class Agent(ConsumerMixin):
         self.connection = Connection(config.broker_url)
         self.datastore = datastore_for(config.datastore, config.data_dir)
         self.storage = LocalStorage(config.backup_root)
-        self.reporter = Reporter(ConductorClient(config))
+        self.reporter = Reporter(ConductorClient(config), self.datastore.data_dir / "outbox")
         self.phase = "new"
         # Held from a probe to its report, and around each change of phase, so that a
         # heartbeat that probed before a change is never sent after the change's report.
@@ -193,9 +224,11 @@ class Agent(ConsumerMixin):
             log.exception("command failed")
         message.ack()
 
-    def prepare(self, port=None, restore_location=None) -> None:
+    def prepare(self, port=None, restore_location=None, host=None) -> None:
         if port is not None and not (type(port) is int and 0 < port < 65536):
             raise CommandRefused(f"port {port!r} is not a TCP port")
+        if host is not None and not (isinstance(host, str) and is_ipv4(host)):
+            raise CommandRefused(f"host {str(host)[:64]!r} is not an IPv4 address")
         if restore_location is not None and not isinstance(restore_location, str):
             raise CommandRefused("restore_location must be a string")
         if self.datastore.prepared():
@@ -210,7 +243,7 @@ class Agent(ConsumerMixin):
                 if restore_location:
                     self.storage.get(restore_location, str(scratch))
                     restore_from = str(scratch)
-                self.datastore.prepare(restore_from=restore_from, port=port)
+                self.datastore.prepare(restore_from=restore_from, port=port, host=host)
         except Exception:
             log.exception("prepare failed")
             self.enter("failed")
@@ -297,6 +330,13 @@ class Agent(ConsumerMixin):
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+
+def is_ipv4(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv4Address)
+    except ValueError:
+        return False
 
 
 def run(config: GuestConfig) -> None:

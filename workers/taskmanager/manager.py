@@ -43,7 +43,7 @@ class Manager:
             if DATASTORES[datastore].needs_port:
                 host, port = self.driver.allocate_endpoint(instance_id)
                 self.conductor.instance_update(instance_id, host=host, port=port)
-                prepare["port"] = port
+                prepare.update(port=port, host=host)
             guests.declare_queues(instance_id)
             broker_url = self.broker_users.ensure(instance_id, generation,
                                                   self.driver.broker_endpoint(instance_id))

@@ -39,7 +39,8 @@ class Datastore(ABC):
     def prepared(self) -> bool:
         return self.state().get("prepared", False)
 
-    def prepare(self, restore_from: str | None = None, port: int | None = None) -> bool:
+    def prepare(self, restore_from: str | None = None, port: int | None = None,
+                host: str | None = None) -> bool:
         """Create the database, or fill it from the backup file *restore_from*, and start
         it. Idempotent: an already prepared datastore is only started. Returns whether
         it was created now."""
@@ -48,7 +49,7 @@ class Datastore(ABC):
             return False
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.discard()
-        settings = self.settings(port)
+        settings = self.settings(port, host)
         write_json(self.data_dir / STATE_FILE, {"prepared": False, **settings})
         if restore_from:
             self.restore(restore_from)
@@ -58,8 +59,9 @@ class Datastore(ABC):
         write_json(self.data_dir / STATE_FILE, {"prepared": True, **settings})
         return True
 
-    def settings(self, port: int | None) -> dict:
-        """What prepare must remember in the state file; *port* is the one asked for."""
+    def settings(self, port: int | None, host: str | None) -> dict:
+        """What prepare must remember in the state file; *port* is the one asked for and
+        *host* an address to listen on besides loopback (where clients reach it)."""
         return {}
 
     @abstractmethod

@@ -107,9 +107,10 @@ class PostgresqlDatastore(Datastore):
     def port(self) -> int:
         return int(self.state()["port"])
 
-    def settings(self, port: int | None) -> dict:
+    def settings(self, port: int | None, host: str | None) -> dict:
         # A prepare redone after a crash keeps the port it chose the first time.
-        return {"port": port or self.state().get("port") or free_port()}
+        return {"port": port or self.state().get("port") or free_port(),
+                "host": host or self.state().get("host") or HOST}
 
     def discard(self) -> None:
         stop_cluster(self.data_dir)
@@ -139,7 +140,8 @@ class PostgresqlDatastore(Datastore):
             return
         # No Unix socket: clients use TCP, and a socket path under a deep data_dir can
         # exceed the 107-byte limit, which would stop the server from starting.
-        options = f"-p {self.port} -c listen_addresses={HOST} -c unix_socket_directories="
+        listen = ",".join(dict.fromkeys((HOST, self.state().get("host") or HOST)))
+        options = f"-p {self.port} -c listen_addresses={listen} -c unix_socket_directories="
         run("pg_ctl", "start", "-D", str(self.pgdata), "-l", str(self.pgdata / "server.log"),
             "-o", options, "-w", "-t", str(SERVER_TIMEOUT), data_dir=self.data_dir,
             as_owner=True, timeout=SERVER_TIMEOUT + 10, new_session=True)
@@ -162,7 +164,8 @@ class PostgresqlDatastore(Datastore):
         self._client("pg_dump", "-Fc", "-f", dest_path, DATABASE, timeout=DUMP_TIMEOUT)
 
     def connection_info(self) -> dict:
-        return {"host": HOST, "port": self.port, "user": SUPERUSER, "database": DATABASE}
+        return {"host": self.state().get("host") or HOST, "port": self.port, "user": SUPERUSER,
+                "database": DATABASE}
 
     def _client(self, program: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
         return run(program, "-w", "-h", HOST, "-p", str(self.port), "-U", SUPERUSER, *args,
