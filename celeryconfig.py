@@ -35,8 +35,9 @@ worker_send_task_events = True
 worker_consumer = "dbaas.worker:Consumer"
 task_send_sent_event = False
 
-task_queues = [queue(_settings.conductor_queue), queue(_settings.conductor_control_queue),
-               queue(_settings.taskmanager_queue)]
+# Declared alike by every publisher and consumer (quorum queues with DBAAS_QUEUE_TYPE).
+task_queues = [queue(name, _settings.queue_type) for name in (
+    _settings.conductor_queue, _settings.conductor_control_queue, _settings.taskmanager_queue)]
 task_default_queue = _settings.conductor_control_queue
 task_routes = routes(_settings.conductor_queue, _settings.conductor_control_queue,
                      _settings.taskmanager_queue)

@@ -53,7 +53,7 @@ def keep_only_consumed_tasks(sender=None, instance=None, **_):
     config = settings.get()
     queues = instance.app.amqp.queues
     if config.conductor_queue in (queues.consume_from or queues):
-        queues.select_add(config.conductor_control_queue)
+        queues.select_add(queues[config.conductor_control_queue])  # the declared one, arguments and all
         queues.deselect([config.conductor_queue])
         guest_queue = config.conductor_queue
     consumed = set(queues.consume_from or queues)

@@ -34,6 +34,8 @@ class Option:
     used_by: str = "all"
     # How the README shows a computed default.
     default_text: str | None = None
+    # The only values allowed, for a str option.
+    choices: tuple[str, ...] | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -56,6 +58,11 @@ OPTIONS: tuple[Option, ...] = (
            "consumes it besides the guests' queue, so calls never wait behind heartbeats"),
     Option("taskmanager_queue", "DBAAS_TASKMANAGER_QUEUE", str, "trove-taskmanager",
            "the taskmanager's queue"),
+    Option("queue_type", "DBAAS_QUEUE_TYPE", str, "classic",
+           "`classic` or `quorum`: RabbitMQ quorum queues (replicated over a cluster) for the "
+           "conductor's, the taskmanager's and every guest's command queue; a message "
+           "redelivered 10 times is dropped. Existing queues keep their type: switching "
+           "needs them deleted (or a new vhost)", choices=("classic", "quorum")),
     Option("service_key", "DBAAS_SERVICE_KEY", str, "",
            "key the control-plane services sign with and guest keys are derived from; "
            "guests never hold it", used_by="control plane",
@@ -148,6 +155,8 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "n
 
 def _convert(option: Option, text: str):
     if option.type is str:
+        if option.choices and text not in option.choices:
+            raise SettingError(f"{option.env}={text!r} is not one of {', '.join(option.choices)}")
         return text
     if option.type is bool:
         if text.lower() not in BOOLEANS:

@@ -19,6 +19,13 @@ log = logging.getLogger(__name__)
 
 
 class Consumer(CeleryConsumer):
+    class Blueprint(CeleryConsumer.Blueprint):
+        # The product sends no ETA or countdown (the intake refuses them), so quorum
+        # queues need none of the delayed-delivery topology Celery would otherwise declare
+        # (some thirty extra quorum queues per vhost).
+        default_steps = [step for step in CeleryConsumer.Blueprint.default_steps
+                         if not step.endswith(":DelayedDelivery")]
+
     def create_task_handler(self, promise=promise):
         handle = super().create_task_handler(promise)
         config = settings.get()

@@ -83,7 +83,7 @@ class GuestQueue(bootsteps.ConsumerStep):
         # never global (quorum queues refuse a global prefetch).
         channel.basic_qos(0, 2 * config.heartbeat_batch_size, False)
         self.batcher = Batcher(self.c, channel, config)
-        return [Consumer(channel, queues=[queue(config.conductor_queue)], no_ack=False,
+        return [Consumer(channel, queues=[queue(config.conductor_queue, config.queue_type)], no_ack=False,
                          on_message=self.batcher.on_message)]
 
     def stop(self, c):

@@ -13,6 +13,7 @@ from kombu import Connection, Exchange, Producer, Queue
 
 import dbaas.broker  # noqa: F401  registers the embedded broker's URL scheme
 from dbaas import signing, wire
+from dbaas.queues import arguments
 
 EXCHANGE = Exchange("guestagent", type="direct", durable=True)
 COMMANDS = frozenset({"prepare", "restart", "backup", "stop"})
@@ -24,14 +25,15 @@ class CommandRefused(Exception):
     """Not a command this guest may carry out."""
 
 
-def command_queue(instance_id: str, declare: bool = True) -> Queue:
-    """The guest consumes it with ``declare=False``: the control plane declares it, and a
-    guest's broker user may configure nothing."""
+def command_queue(instance_id: str, declare: bool = True, queue_type: str = "classic") -> Queue:
+    """The guest consumes it with ``declare=False``: the control plane declares it (with
+    its queue type), and a guest's broker user may configure nothing."""
     return Queue(f"guestagent.{instance_id}", EXCHANGE, routing_key=instance_id, durable=True,
-                 no_declare=not declare)
+                 no_declare=not declare, queue_arguments=arguments(queue_type))
 
 
-def send_command(broker_url: str, instance_id: str, secret: str, command: str, args: dict) -> None:
+def send_command(broker_url: str, instance_id: str, secret: str, command: str, args: dict,
+                 queue_type: str = "classic") -> None:
     """Publish one command (declaring the guest's queue, so it waits for a guest that is
     still starting)."""
     if command not in COMMANDS:
@@ -40,7 +42,7 @@ def send_command(broker_url: str, instance_id: str, secret: str, command: str, a
     with Connection(broker_url, transport_options={"confirm_publish": True}) as connection:
         producer = Producer(connection.default_channel)
         producer.publish({"command": command, "args": args}, exchange=EXCHANGE,
-                         routing_key=instance_id, declare=[command_queue(instance_id)],
+                         routing_key=instance_id, declare=[command_queue(instance_id, queue_type=queue_type)],
                          serializer="json", headers={wire.AUTH_HEADER: header}, retry=True,
                          retry_policy={"max_retries": 5, "interval_start": 0.5,
                                        "interval_step": 1, "interval_max": 3})

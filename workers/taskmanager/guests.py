@@ -43,18 +43,20 @@ def declare_queues(instance_id: str) -> None:
     nothing. Its command queue, and the conductor's exchange and queue it publishes to."""
     with Connection(settings.get().broker_url) as connection:
         channel = connection.default_channel
-        for declared in (command_queue(instance_id), queue(settings.get().conductor_queue)):
+        queue_type = settings.get().queue_type
+        for declared in (command_queue(instance_id, queue_type=queue_type),
+                         queue(settings.get().conductor_queue, queue_type)):
             declared(channel).declare()
 
 
 def delete_queues(instance_id: str) -> None:
     with Connection(settings.get().broker_url) as connection:
-        command_queue(instance_id)(connection.default_channel).delete()
+        command_queue(instance_id, queue_type=settings.get().queue_type)(connection.default_channel).delete()
 
 
 def send(instance_id: str, generation: int, command: str, args: dict) -> None:
     try:
         send_command(settings.get().broker_url, instance_id, secret(instance_id, generation),
-                     command, args)
+                     command, args, settings.get().queue_type)
     except (OSError, ValueError, KombuError) as exc:
         raise GuestUnreachable(f"cannot send {command} to the guest of {instance_id}: {exc}") from exc
