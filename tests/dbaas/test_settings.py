@@ -22,10 +22,20 @@ def load(tmp_path, **env):
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
 def test_every_option_has_env_type_and_help(option):
     assert option.env.startswith("DBAAS_") and option.env == option.env.upper()
-    assert option.type in (str, int, float)
+    assert option.type in (str, int, float, bool)
     assert isinstance(option.help, str) and option.help.strip()
     assert option.used_by.strip()
     assert callable(option.default) or isinstance(option.default, str)
+
+
+def test_booleans_and_choices(tmp_path):
+    assert load(tmp_path, DBAAS_REQUIRE_GUEST_USER_ID="false").require_guest_user_id is False
+    assert load(tmp_path, DBAAS_REQUIRE_GUEST_USER_ID="YES").require_guest_user_id is True
+    with pytest.raises(SettingError, match="DBAAS_REQUIRE_GUEST_USER_ID.*true or false"):
+        load(tmp_path, DBAAS_REQUIRE_GUEST_USER_ID="maybe")
+    assert load(tmp_path, DBAAS_QUEUE_TYPE="quorum").queue_type == "quorum"
+    with pytest.raises(SettingError, match="DBAAS_QUEUE_TYPE.*classic, quorum"):
+        load(tmp_path, DBAAS_QUEUE_TYPE="lazy")
 
 
 def test_names_and_variables_are_unique_and_make_the_settings():
