@@ -43,7 +43,9 @@ class Client:
             raise errors.Unavailable(
                 f"no conductor answered within {self.timeout:g} s: is one running?") from None
         if not result.successful() or not isinstance(reply, dict):
-            raise errors.DbaasError(f"{task_name} failed in the conductor: {str(reply)[:300]}")
+            # On one line: an exception's text (a database error quoting SQL) may span several.
+            detail = " ".join(str(reply).split())[:300]
+            raise errors.DbaasError(f"{task_name} failed in the conductor: {detail}")
         if "error" in reply:
             raise errors.from_reply(reply["error"])
         return reply.get("result")

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from dbaas import db
-from dbaas.instances import create_instance
 from dbaas.models import Backup, Instance
 from dbaas.storage import LocalStorage
-from tests.support.stack import make_backup
-from tests.workers.guestagent.test_datastores import contents, fill
 from tests.support.services import ROOT, project_env, wait_until
+from tests.support.stack import make_backup, make_instances
+from tests.workers.guestagent.test_datastores import contents, fill
 from workers.guestagent import commands
 from workers.guestagent import config as guest_config
 from workers.guestagent.agent import GB
@@ -35,8 +34,8 @@ class Guest:
                  guest_dir: Path):
         self.instance_id, self.secret, self.broker_url = instance_id, secret, broker_url
         self.config = guest_config.GuestConfig(
-            instance_id=instance_id, secret=secret, broker_url=broker_url, datastore=datastore,
-            data_dir=str(guest_dir / instance_id), backup_root=str(guest_dir / "backups"),
+            instance_id=instance_id, secret=secret, generation=1, broker_url=broker_url,
+            datastore=datastore, data_dir=str(guest_dir / instance_id), backup_root=str(guest_dir / "backups"),
             heartbeat_interval=HEARTBEAT_INTERVAL)
         self.config_path = guest_dir / f"{instance_id}.json"
         guest_config.write(str(self.config_path), self.config)
@@ -85,9 +84,9 @@ def backup_row(backup_id: str) -> Backup:
 
 
 def new_guest(datastore: str, broker_url: str, guest_dir: Path) -> Guest:
-    with db.session_scope() as session:
-        created, secret = create_instance(session, f"guest-{datastore}", datastore=datastore)
-        instance_id = created.id
+    """An instance recorded as the conductor records it, and its guest holding the key
+    derived for it (generation 1)."""
+    [(instance_id, secret)] = make_instances(1, datastore=datastore).items()
     return Guest(instance_id, secret, datastore, broker_url, guest_dir)
 
 

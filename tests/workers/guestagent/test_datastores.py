@@ -106,7 +106,7 @@ def test_postgresql_port_is_kept_and_a_left_server_adopted(postgres_programs, gu
     successor.start()
     assert successor.connection_info()["port"] == port and successor.probe()
 
-    stop_cluster(guest_dir / "db")  # as the compute driver does when deleting the instance
+    stop_cluster(guest_dir / "db")  # a cluster whose agent is gone, stopped by hand
     assert not successor.probe()
     stop_cluster(guest_dir / "db")  # nothing running: nothing to do
 

@@ -1,4 +1,6 @@
-"""Guests hold no database credentials: their modules must not even import the database layer."""
+"""Guests hold no database credentials and no service key: their modules must not even import
+the database layer, the control plane's settings (which read or make the service key) or
+its roles (guests send by name, never by importing server code)."""
 
 import json
 import subprocess
@@ -8,7 +10,8 @@ import pytest
 
 from tests.support.services import ROOT, project_env
 
-FORBIDDEN = ("sqlalchemy", "psycopg2", "alembic", "dbaas.db", "dbaas.models", "dbaas.celery")
+FORBIDDEN = ("sqlalchemy", "psycopg2", "alembic", "dbaas.db", "dbaas.models", "dbaas.celery",
+             "dbaas.settings", "dbaas.rpc", "workers.conductor", "workers.taskmanager")
 
 
 def loaded_after(*modules: str) -> list[str]:
@@ -27,10 +30,11 @@ def forbidden_in(loaded: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("modules", [
-    ("workers.guestagent.client", "workers.guestagent.__main__"),
+    ("workers.guestagent.client", "workers.guestagent.__main__", "workers.guestagent.agent"),
     ("workers.guestagent.config",),
+    ("workers.guestagent.api",),
     ("dbaas.signing", "dbaas.wire", "dbaas.queues", "dbaas.broker"),
-], ids=["agent", "config", "shared-modules"])
+], ids=["agent", "config", "api", "shared-modules"])
 def test_guest_modules_do_not_load_the_control_plane(modules):
     loaded = loaded_after(*modules)
     assert set(modules) <= set(loaded)
@@ -40,3 +44,5 @@ def test_guest_modules_do_not_load_the_control_plane(modules):
 def test_the_check_itself_sees_the_database_layer():
     """Guard against a vacuous pass: the control plane's modules are detected."""
     assert {"dbaas.db", "dbaas.models"} <= set(forbidden_in(loaded_after("dbaas.db", "dbaas.models")))
+    assert {"dbaas.settings", "dbaas.rpc", "workers.conductor.api"} <= set(forbidden_in(
+        loaded_after("workers.conductor.api")))

@@ -1,5 +1,6 @@
-"""The whole system with real guest agents: manage.py -> taskmanager -> guest agent ->
-conductor, for both datastores, as an operator sees it; and nothing left behind."""
+"""The whole system with real guest agents: manage.py (without the database) -> conductor
+-> taskmanager -> guest agent -> conductor, for both datastores, as an operator sees it;
+and nothing left behind."""
 
 import glob
 import json
@@ -13,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stack import configure
 from tests.support.services import wait_until
-from tests.support.stack import instance_row, processes_of
+from tests.support.stack import configure, instance_row, processes_of
 from workers.guestagent.datastores.postgresql import PostgresqlDatastore
 from workers.taskmanager import guests
+from workers.taskmanager.compute.local import instance_dir, instances_root
 
 WAIT = ("--wait", "--timeout", "180", "--json")
 
 
 def data_dir(instance_id: str) -> Path:
-    return Path(guests.instance_dir(instance_id)) / "data"
+    return Path(instance_dir(instance_id)) / "data"
 
 
 def processes_inside(directory: str) -> list[int]:
@@ -42,7 +43,7 @@ def processes_inside(directory: str) -> list[int]:
 def create(system, name: str, *options: str) -> dict:
     result = system.cli("instance", "create", name, *options, *WAIT, timeout=240)
     assert result.returncode == 0, result.stderr + "".join(
-        Path(log).read_text() for log in glob.glob(os.path.join(guests.instances_root(), "*", "guest.log")))
+        Path(log).read_text() for log in glob.glob(os.path.join(instances_root(), "*", "guest.log")))
     view = json.loads(result.stdout)
     assert view["status"] == "ACTIVE" and view["operating_status"] == "RUNNING"
     progress = result.stderr.splitlines()
@@ -55,7 +56,7 @@ def delete_all(system, instance_ids: list[str]) -> None:
         system.ok("instance", "delete", instance_id)
     for instance_id in instance_ids:
         wait_until(lambda: instance_row(instance_id).deleted, timeout=120, message="the instance deleted")
-        directory = guests.instance_dir(instance_id)
+        directory = instance_dir(instance_id)
         assert processes_of(instance_id) == [] and processes_inside(directory) == []
         assert not Path(directory).exists()
 
@@ -78,7 +79,7 @@ def test_sqlite_create_backup_restore_restart_delete(start):
         assert database.execute("select value from kept").fetchall() == [("from the source",)]
 
     system.ok("instance", "restart", copy["id"])
-    guest_log = Path(guests.instance_dir(copy["id"])) / "guest.log"
+    guest_log = Path(instance_dir(copy["id"])) / "guest.log"
     wait_until(lambda: "command restart" in guest_log.read_text(), timeout=60, message="the guest restarting")
     wait_until(lambda: system.ok("instance", "show", copy["id"], "--json")["status"] == "ACTIVE",
                timeout=60, message="ACTIVE after the restart")
@@ -119,8 +120,8 @@ def test_postgresql_restore_and_delete_with_an_orphaned_cluster(reachable_var_di
     assert PostgresqlDatastore(data_dir(copy["id"])).query("select value from kept") == "from the source"
 
     # The source's agent dies without stopping its cluster: the postmaster is orphaned.
-    guest_pid = int((Path(guests.instance_dir(source["id"])) / "guest.pid").read_text().split()[0])
+    guest_pid = int((Path(instance_dir(source["id"])) / "guest.pid").read_text().split()[0])
     os.kill(guest_pid, signal.SIGKILL)
     wait_until(lambda: guest_pid not in processes_of(source["id"]), timeout=30, message="the agent gone")
-    assert processes_inside(guests.instance_dir(source["id"])), "no orphaned postmaster: test proves nothing"
+    assert processes_inside(instance_dir(source["id"])), "no orphaned postmaster: test proves nothing"
     delete_all(system, [source["id"], copy["id"]])

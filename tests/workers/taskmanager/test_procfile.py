@@ -1,6 +1,7 @@
 """The Procfile as `scripts/run` starts it (honcho, embedded default): an instance created
-with manage.py becomes ACTIVE through the conductor, the taskmanager and a real guest, and
-Flower answers behind basic auth."""
+with manage.py — run without the database, as every command but `db` is — becomes ACTIVE
+through the conductor, the taskmanager and a real guest, and Flower answers behind basic
+auth."""
 
 import base64
 import json
@@ -39,12 +40,16 @@ def test_every_procfile_process_runs_and_an_instance_becomes_active(tmp_path):
     # The Procfile names `celery` bare: it runs from the virtualenv's bin on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
     env = project_env(DBAAS_VAR_DIR=str(tmp_path / "var"), DBAAS_SWEEP_INTERVAL="1", PATH=path,
-                      FLOWER_PORT=str(port), FLOWER_BASIC_AUTH=credentials)
+                      FLOWER_PORT=str(port), FLOWER_BASIC_AUTH=credentials,
+                      DBAAS_DATABASE_URL=f"sqlite:///{tmp_path / 'var' / 'dbaas.sqlite3'}")
     # As a user runs it: the `celery` script does not put the project on sys.path.
     del env["PYTHONPATH"]
 
     def manage(*args: str) -> str:
-        result = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env,
+        # Only `db` gets the database; every other command reaches it through the conductor.
+        command_env = env if args[0] == "db" else \
+            {**env, "DBAAS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/no-such-database"}
+        result = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=command_env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         return result.stdout

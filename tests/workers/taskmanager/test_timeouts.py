@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-
 from tests.support.services import ROOT, wait_until
 from tests.support.stack import SLEEP, Running, instance_row, processes_of
-from workers.taskmanager import guests
-from workers.taskmanager.compute.local import LocalDriver
+from workers.guestagent import config as guest_config
+from workers.taskmanager.compute.local import LocalDriver, config_path
 
 EXPIRY, SWEEP, USAGE_TIMEOUT, BACKUP_TIMEOUT = 3.0, 1.0, 10.0, 6.0
 SHORT_TIMEOUTS = {
@@ -32,13 +31,16 @@ def system(stack, tmp_path):  # noqa: F811
 
     def launch(guest_command=None) -> Running:
         running = Running(stack, guest_command)
-        running.env.update(SHORT_TIMEOUTS)  # the workers share this environment
+        # The conductor's environment, and that of the taskmanager, beat and the CLI.
+        running.env.update(SHORT_TIMEOUTS)
+        running.client_env.update(SHORT_TIMEOUTS)
         started.append(running.start())
-        log = open(tmp_path / "beat.log", "ab")
-        beats.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
-             "-s", str(tmp_path / "beat-schedule")],
-            cwd=ROOT, env=running.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        with open(tmp_path / "beat.log", "ab") as log:  # beat holds no database either
+            beats.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
+                 "-s", str(tmp_path / "beat-schedule")],
+                cwd=ROOT, env=running.client_env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
         return running
     yield launch
     for beat in beats:
@@ -67,7 +69,8 @@ def test_a_killed_guest_turns_error_and_recovers_when_a_guest_starts_again(syste
     assert time.monotonic() - killed_at <= EXPIRY + SWEEP + 8
     assert running.ok("instance", "show", instance_id, "--json")["fault"]["kind"] == "heartbeat_expired"
 
-    LocalDriver().spawn(instance_id, guests.config_path(instance_id))
+    # A guest started again with the config the taskmanager delivered.
+    LocalDriver().spawn(instance_id, guest_config.load(config_path(instance_id)))
     wait_until(lambda: running.ok("instance", "show", instance_id, "--json")["status"] == "ACTIVE",
                timeout=60, message="ACTIVE once heartbeats resume")
     running.ok("instance", "delete", instance_id)

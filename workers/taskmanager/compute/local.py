@@ -119,6 +119,7 @@ class LocalDriver(ComputeDriver):
 
     def allocate_endpoint(self, instance_id: str) -> tuple[str, int]:
         directory = instance_dir(instance_id)
+        os.makedirs(directory, exist_ok=True)  # called before spawn, which makes it too
         with _locked(directory):
             path = os.path.join(directory, ENDPOINT_FILE)
             if not os.path.exists(path):
