@@ -7,6 +7,7 @@ Nothing here signs what is published: each client module signs what it means to 
 chain) carries no authority.
 """
 
+import os
 import sys
 
 from celery import Celery, signals
@@ -64,6 +65,13 @@ def keep_only_consumed_tasks(sender=None, instance=None, **_):
 
 
 @signals.worker_process_init.connect
-def dispose_inherited_engine(**_):
+def init_pool_process(**_):
+    # A process group of its own: a signal meant for the worker — SIGTERM from honcho, a
+    # service manager or a test, which signal the whole group — reaches only its main
+    # process, which stops its pool in order (warm shutdown). A pool process killed by it
+    # mid-task could die holding the pool's queue lock, and the main process then hung
+    # in billiard's shutdown. The pool still ends its processes itself, and one whose
+    # main process died sees its pipe close and exits.
+    os.setpgrp()
     if "dbaas.db" in sys.modules:  # only processes that use the database have an engine
         sys.modules["dbaas.db"].dispose_after_fork()
