@@ -98,9 +98,23 @@ def after_commit(session: Session, action: Callable[[], object]) -> None:
     session.info.setdefault(_AFTER_COMMIT, []).append(action)
 
 
+# Undefined table or column: the schema is missing or older than the code.
+SCHEMA_PGCODES = {"42P01", "42703"}
+
+
+def schema_missing(exc: BaseException) -> bool:
+    """True when the database lacks the tables or columns the code expects: waiting will
+    not help, `manage.py db upgrade` will."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if getattr(exc.orig, "pgcode", None) in SCHEMA_PGCODES:
+        return True
+    return str(exc.orig).startswith(("no such table", "no such column"))  # SQLite
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True when the same transaction may succeed later (database away, lock, conflict)."""
-    if not isinstance(exc, DBAPIError):
+    if not isinstance(exc, DBAPIError) or schema_missing(exc):
         return False
     if exc.connection_invalidated or isinstance(exc, OperationalError):
         return True

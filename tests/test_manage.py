@@ -503,11 +503,8 @@ def unmigrated(request, monkeypatch, tmp_path, env_for) -> Running:
 
 def test_commands_before_db_upgrade_fail_with_one_line(unmigrated):
     message = assert_clean_failure(unmigrated.cli("instance", "list", "--json"))
-    assert message.startswith("error:")
-    if "db upgrade" not in message:
-        # Before Phase 3, manage.py read the database itself and said so; the conductor
-        # does not yet tell a missing schema from an outage or a failure.
-        pytest.xfail(f"the error does not point at `db upgrade`: {message}")
+    assert message == ("error: the control-plane database has no schema or an old one: "
+                       "run `python manage.py db upgrade`")
 
 
 # --- db: the one command that opens the database ---------------------------------------------

@@ -20,6 +20,8 @@ from workers.conductor import auth
 from workers.conductor.messages import MessageRejected
 
 log = logging.getLogger(__name__)
+SCHEMA_MISSING = ("the control-plane database has no schema or an old one: "
+                  "run `python manage.py db upgrade`")
 
 
 class GuardedRequest(Request):
@@ -80,6 +82,9 @@ class ConductorCall(ConductorTask):
         except errors.DbaasError as exc:
             return errors.to_reply(exc)
         except Exception as exc:
+            if db.schema_missing(exc):
+                log.error("%s %s: %s", self.name, self.request.id, SCHEMA_MISSING)
+                return errors.to_reply(errors.Unavailable(SCHEMA_MISSING))
             if not db.is_retryable(exc):
                 raise
             log.error("%s %s: database unavailable", self.name, self.request.id)
