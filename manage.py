@@ -3,15 +3,23 @@
     python manage.py db upgrade|current
     python manage.py settings
     python manage.py instance create NAME [--datastore sqlite|postgresql] [--restore-from BACKUP_ID]
-                                          [--project P] [--wait [--timeout S]] [--json]
+                                          [--project P] [--flavor ID] [--size GB]
+                                          [--wait [--timeout S]] [--json]
     python manage.py instance list|show [ID] [--json]
-    python manage.py instance delete|restart|reset-status ID
+    python manage.py instance delete|reset-status ID
+    python manage.py instance restart ID [--wait [--timeout S]] [--json]
+    python manage.py instance reset-password ID [--json]              # prints the new password
     python manage.py backup create INSTANCE_ID NAME [--description D] [--wait [--timeout S]] [--json]
     python manage.py backup list|show [ID] [--json]
     python manage.py backup delete ID
+    python manage.py quota show|set PROJECT [--instances N|default] [--backups N|default] [--json]
+    python manage.py credentials add-user NAME --project P [--admin]     # prints the password
+    python manage.py credentials add-token NAME --project P [--admin]    # prints the token
+    python manage.py credentials list|remove [NAME]
 
 A client of the conductor like the REST API (workers/conductor/api.py): it parses arguments
-and presents answers; every rule lives in the conductor. Only ``db`` opens the database.
+and presents answers; every rule lives in the conductor. Only ``db`` opens the database;
+``credentials`` edits the REST API's credentials file (workers/api/credentials.py).
 """
 
 import argparse
@@ -22,6 +30,8 @@ import uuid
 from typing import Callable
 
 from dbaas import errors, settings, wire
+from workers.api import credentials
+from workers.api.credentials import CredentialError
 
 POLL_SECONDS = 0.5
 
@@ -54,10 +64,14 @@ def settings_command(_args) -> int:
 
 def instance_create(args) -> int:
     view = conductor().instance_create(str(uuid.uuid4()), args.name, datastore=args.datastore,
-                                       restore_from=args.restore_from, project_id=args.project)
+                                       restore_from=args.restore_from, project_id=args.project,
+                                       flavor_id=args.flavor, volume_size=args.size)
+    password = view.get("password")  # in this answer only
     if args.wait:
         view = wait_for("instance", view["id"], conductor().instance_show, "status",
                         {"ACTIVE", "ERROR"}, args.timeout)
+    if password:
+        view["password"] = password
     return print_result(view, args.json, failure=instance_failure(view))
 
 
@@ -85,8 +99,22 @@ def instance_delete(args) -> int:
 
 
 def instance_restart(args) -> int:
-    conductor().instance_restart(args.id)
-    print(f"restarting instance {args.id}")
+    view = conductor().instance_restart(args.id)
+    if args.wait:
+        view = wait_for("instance", args.id, conductor().instance_show, "status",
+                        {"ACTIVE", "ERROR"}, args.timeout)
+        return print_result(view, args.json, failure=instance_failure(view))
+    if args.json:
+        print_views([view], True, single=True)
+    else:
+        print(f"restarting instance {args.id}")
+    return 0
+
+
+def instance_reset_password(args) -> int:
+    answer = conductor().instance_reset_password(args.id)
+    print_views([{"id": args.id, "user": answer["user"], "password": answer["password"]}],
+                args.json, single=True)
     return 0
 
 
@@ -122,6 +150,56 @@ def backup_list(args) -> int:
 def backup_delete(args) -> int:
     conductor().backup_delete(args.id)
     print(f"deleting backup {args.id}")
+    return 0
+
+
+# --- quotas and the API's credentials ------------------------------------------------------
+
+def quota_show(args) -> int:
+    print_quota(conductor().quota_show(args.project), args.json)
+    return 0
+
+
+def quota_set(args) -> int:
+    limits = {resource: getattr(args, resource) for resource in ("instances", "backups")
+              if hasattr(args, resource)}
+    print_quota(conductor().quota_update(args.project, **limits), args.json)
+    return 0
+
+
+def print_quota(quota: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(quota, indent=2))
+        return
+    for resource in ("instances", "backups"):
+        entry = quota[resource]
+        origin = "default" if entry["default"] else "own"
+        print(f"{quota['project_id']}  {resource:<9}  {entry['in_use']} of {entry['limit']} ({origin})")
+
+
+def quota_limit(text: str) -> int | None:
+    if text == "default":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'")
+    return int(text)
+
+
+def credentials_add(args) -> int:
+    kind = "user" if args.action == "add-user" else "token"
+    print(credentials.add(settings.get().api_credentials_file, kind, args.name, args.project, args.admin))
+    return 0
+
+
+def credentials_list(args) -> int:
+    for entry in credentials.entries(settings.get().api_credentials_file):
+        print(f"{entry['kind']:<5}  {entry['name']:<24}  {entry['project']}{'  (admin)' if entry['admin'] else ''}")
+    return 0
+
+
+def credentials_remove(args) -> int:
+    credentials.remove(settings.get().api_credentials_file, args.name)
+    print(f"removed {args.name}")
     return 0
 
 
@@ -163,6 +241,8 @@ def print_views(views: list[dict], as_json: bool, single: bool,
         print(json.dumps(views[0] if single else views, indent=2))
     elif single:
         for key, value in views[0].items():
+            if isinstance(value, dict):  # connection, fault: key=value pairs, not Python's repr
+                value = " ".join(f"{k}={'' if v is None else v}" for k, v in value.items())
             print(f"{key:>20}  {'' if value is None else value}")
     else:
         rows = [columns] + [tuple("" if v.get(c) is None else str(v[c]) for c in columns) for v in views]
@@ -203,13 +283,20 @@ def parse_args(argv):
                         "with --restore-from, that of the backup's instance")
     create.add_argument("--restore-from", metavar="BACKUP_ID", help="fill it from a COMPLETED backup")
     create.add_argument("--project", help="the project it belongs to (default: default)")
+    create.add_argument("--flavor", metavar="FLAVOR_ID", help="one of the REST API's (DBAAS_API_FLAVORS)")
+    create.add_argument("--size", type=int, metavar="GB", help="the volume size the REST API shows")
     # By then the build-timeout sweep has decided: waiting longer cannot change the outcome.
     add_wait(create, "until ACTIVE (exit 0) or ERROR (exit 1)",
              config.usage_timeout + 2 * config.sweep_interval)
     command(instance, "list", instance_list, with_json=True)
     command(instance, "show", instance_show, with_id=True, with_json=True)
     command(instance, "delete", instance_delete, "stop and remove the instance", with_id=True)
-    command(instance, "restart", instance_restart, "restart the instance's datastore", with_id=True)
+    restart = command(instance, "restart", instance_restart, "restart the instance's datastore, "
+                      "or start its guest agent again if it is gone", with_id=True, with_json=True)
+    add_wait(restart, "until ACTIVE (exit 0) or ERROR (exit 1)",
+             config.usage_timeout + 2 * config.sweep_interval)
+    command(instance, "reset-password", instance_reset_password, "a new password for the "
+            "administrator user (PostgreSQL), shown only now", with_id=True, with_json=True)
     command(instance, "reset-status", instance_reset_status,
             "clear a fault, the task status and a 'restart required' status", with_id=True)
 
@@ -225,6 +312,26 @@ def parse_args(argv):
     listing.add_argument("--instance", metavar="INSTANCE_ID", help="only this instance's backups")
     command(backup, "show", backup_show, with_id=True, with_json=True)
     command(backup, "delete", backup_delete, "remove a backup and its file", with_id=True)
+
+    quota = groups.add_parser("quota", help="a project's limits on instances and backups").add_subparsers(
+        dest="action", required=True)
+    command(quota, "show", quota_show, "limits and what is in use", with_json=True).add_argument("project")
+    change = command(quota, "set", quota_set, "give the project limits of its own", with_json=True)
+    change.add_argument("project")
+    for resource in ("instances", "backups"):
+        change.add_argument(f"--{resource}", type=quota_limit, default=argparse.SUPPRESS, metavar="N|default",
+                            help=f"most {resource} the project may have; 'default': DBAAS_QUOTA_{resource.upper()}")
+
+    callers = groups.add_parser("credentials", help="who may use the REST API, as which project "
+                                "(DBAAS_API_CREDENTIALS_FILE)").add_subparsers(dest="action", required=True)
+    for action, what in (("add-user", "an HTTP basic user; prints the password"),
+                         ("add-token", "an X-Auth-Token; prints the token")):
+        add = command(callers, action, credentials_add, f"add {what}")
+        add.add_argument("name")
+        add.add_argument("--project", required=True)
+        add.add_argument("--admin", action="store_true", help="may act for every project")
+    command(callers, "list", credentials_list, "users and tokens, without secrets")
+    command(callers, "remove", credentials_remove, "remove a user or token").add_argument("name")
     return parser.parse_args(argv)
 
 
@@ -249,7 +356,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         return args.handler(args)
-    except (errors.DbaasError, Failed, OSError, settings.SettingError) as exc:
+    except (errors.DbaasError, Failed, OSError, settings.SettingError, CredentialError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

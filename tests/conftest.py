@@ -11,6 +11,8 @@ from tests.support.stack import SERVICE_KEY, SLEEP, Running, Stack, configure
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fault: restarts or kills servers and workers (slow; CI runs them)")
+    config.addinivalue_line("markers", "fuzz: schemathesis against the live REST API (bounded: fixed "
+                            "examples per operation and seed; CI runs it)")
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The Procfile as `scripts/run` starts it (honcho, embedded default): an instance created
 with manage.py — run without the database, as every command but `db` is — becomes ACTIVE
-through the conductor, the taskmanager and a real guest, and Flower answers behind basic
-auth."""
+through the conductor, the taskmanager and a real guest, Flower answers behind basic
+auth, and so does the REST API behind its credentials."""
 
 import base64
 import json
@@ -36,11 +36,11 @@ def flower(port: int, path: str, credentials: str | None = None) -> tuple[int, b
 
 
 def test_every_procfile_process_runs_and_an_instance_becomes_active(tmp_path):
-    port, credentials = free_port(), "operator:s3cret"
+    port, api_port, credentials = free_port(), free_port(), "operator:s3cret"
     # The Procfile names `celery` bare: it runs from the virtualenv's bin on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
     env = project_env(DBAAS_VAR_DIR=str(tmp_path / "var"), DBAAS_SWEEP_INTERVAL="1", PATH=path,
-                      FLOWER_PORT=str(port), FLOWER_BASIC_AUTH=credentials,
+                      FLOWER_PORT=str(port), FLOWER_BASIC_AUTH=credentials, DBAAS_API_PORT=str(api_port),
                       DBAAS_DATABASE_URL=f"sqlite:///{tmp_path / 'var' / 'dbaas.sqlite3'}")
     # As a user runs it: the `celery` script does not put the project on sys.path.
     del env["PYTHONPATH"]
@@ -67,6 +67,9 @@ def test_every_procfile_process_runs_and_an_instance_becomes_active(tmp_path):
                                   and r, timeout=60, message="Flower's worker list")
         assert {name.split("@")[0] for name in json.loads(body)} >= {"conductor", "taskmanager"}
         assert flower(port, "/healthcheck")[0] == 200  # public, for load balancers
+        api = f"http://127.0.0.1:{api_port}"
+        assert json.loads(urllib.request.urlopen(api + "/", timeout=10).read())["versions"][0]["id"] == "v1.0"
+        assert flower(api_port, "/v1.0/demo/instances")[0] == 401
 
         manage("instance", "delete", view["id"])
         wait_until(lambda: not (tmp_path / "var" / "instances" / view["id"]).exists(), timeout=60,
