@@ -17,6 +17,7 @@ from workers.guestagent.api import DATASTORES
 from workers.taskmanager import guests
 from workers.taskmanager.broker_users import BrokerUserError, BrokerUsers
 from workers.taskmanager.compute import ComputeDriver, SpawnError
+from workers.taskmanager.compute.base import InstanceDeleted
 from workers.taskmanager.guests import GuestUnreachable
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,11 @@ class Manager:
                         generation: int) -> None:
         """Give the guest its broker user and queues, start it with its config unless an
         earlier delivery already did, and ask it to prepare its datastore. A guest may so
-        receive prepare twice; it treats the second as done."""
+        receive prepare twice; it treats the second as done.
+
+        The instance's delete may run before this (a redelivered create) or beside it
+        (another worker process): the driver then starts nothing, and what this create
+        made — its directory, broker user, command queue — is removed again."""
         prepare = {"restore_location": restore_location} if restore_location else {}
         try:
             if datastore not in DATASTORES:
@@ -49,6 +54,13 @@ class Manager:
                                                   self.driver.broker_endpoint(instance_id))
             self.driver.spawn(instance_id, guests.config_for(instance_id, generation, datastore, broker_url))
             guests.send(instance_id, generation, "prepare", prepare)
+            if self.driver.is_deleted(instance_id):  # meanwhile: the prepare declared its queue again
+                raise InstanceDeleted(f"instance {instance_id} was deleted")
+        except InstanceDeleted:
+            log.info("instance %s was deleted while it was being provisioned: undoing", instance_id)
+            self.driver.destroy(instance_id)
+            self.broker_users.remove(instance_id)
+            guests.delete_queues(instance_id)
         except (SpawnError, GuestUnreachable, BrokerUserError, KombuError, OSError) as exc:
             log.warning("provisioning %s failed: %s", instance_id, exc)
             self.conductor.instance_update(

@@ -9,6 +9,11 @@ class SpawnError(Exception):
     """The guest could not be started; the message says why (it becomes the instance's fault)."""
 
 
+class InstanceDeleted(SpawnError):
+    """The instance was deleted (its delete ran before, or beside, this create): nothing of
+    it may be started, and what a create made for it must be removed again."""
+
+
 class ComputeDriver(ABC):
     @abstractmethod
     def spawn(self, instance_id: str, config: GuestConfig) -> None:
@@ -24,6 +29,11 @@ class ComputeDriver(ABC):
     def destroy(self, instance_id: str) -> None:
         """Stop the guest and everything it started and remove all the instance's files.
         Idempotent: destroying what is already gone does nothing."""
+
+    def is_deleted(self, instance_id: str) -> bool:
+        """Whether ``destroy`` was called for the instance (a create must then start
+        nothing). Drivers that cannot tell answer False."""
+        return False
 
     def broker_endpoint(self, instance_id: str) -> tuple[str, int] | None:
         """(host, port) at which the instance's guest reaches the broker, when that is not

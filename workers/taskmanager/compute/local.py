@@ -32,7 +32,7 @@ from dbaas import settings
 from dbaas.files import write_atomically
 from dbaas.settings import PROJECT_ROOT
 from workers.guestagent.api import GuestConfig, write_config
-from workers.taskmanager.compute.base import ComputeDriver, SpawnError
+from workers.taskmanager.compute.base import ComputeDriver, InstanceDeleted, SpawnError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ KILL_WAIT = 10.0
 DATASTORE_PORTS = range(20000, 32768)
 
 
-class InstanceGone(SpawnError):
+class InstanceGone(InstanceDeleted):
     """The instance's directory does not exist (deleted, or its guest config written elsewhere)."""
 
 
@@ -60,6 +60,15 @@ def instance_dir(instance_id: str) -> str:
     if not isinstance(instance_id, str) or str(uuid.UUID(instance_id)) != instance_id:
         raise ValueError(f"not an instance id: {instance_id!r}")
     return os.path.join(instances_root(), instance_id)
+
+
+def tombstones_root() -> str:
+    return os.path.join(settings.get().var_dir, "deleted-instances")
+
+
+def _tombstone(directory: str) -> str:
+    """The file that says the instance of ``directory`` was deleted (see destroy)."""
+    return os.path.join(tombstones_root(), os.path.basename(directory))
 
 
 def config_path(instance_id: str) -> str:
@@ -103,13 +112,22 @@ class LocalDriver(ComputeDriver):
                 return
             raise SpawnError(f"the guest agent exited at once with status {status}: {_tail(log_path)}")
 
+    def is_deleted(self, instance_id: str) -> bool:
+        return os.path.exists(_tombstone(instance_dir(instance_id)))
+
     def is_running(self, instance_id: str) -> bool:
         return self._running(instance_dir(instance_id))
 
     def destroy(self, instance_id: str) -> None:
+        """Also leaves a tombstone, first of all: a create of the instance that is under way
+        or comes later (redelivered, or run beside the delete by another worker process)
+        finds it under the instance's lock and starts nothing (InstanceDeleted), instead
+        of a guest nobody would ever stop."""
         directory = instance_dir(instance_id)
+        os.makedirs(tombstones_root(), exist_ok=True)
+        os.close(os.open(_tombstone(directory), os.O_WRONLY | os.O_CREAT, 0o600))
         try:
-            with _locked(directory):
+            with _locked(directory, deleting=True):
                 self._stop_guest(directory)
                 self._stop_leftovers(directory)
                 shutil.rmtree(directory)
@@ -165,9 +183,10 @@ class LocalDriver(ComputeDriver):
 
 
 @contextmanager
-def _locked(directory: str):
+def _locked(directory: str, deleting: bool = False):
     """One spawn, allocate_endpoint or destroy of an instance at a time, across every
-    worker process on this host (two deliveries of one create may run side by side)."""
+    worker process on this host (two deliveries of one create may run side by side).
+    Anything but a destroy (``deleting``) of a deleted instance raises InstanceDeleted."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
@@ -176,6 +195,8 @@ def _locked(directory: str):
         fcntl.flock(fd, fcntl.LOCK_EX)
         if not os.path.isdir(directory):
             raise InstanceGone(f"instance directory {directory} was removed")
+        if not deleting and os.path.exists(_tombstone(directory)):
+            raise InstanceDeleted(f"instance {os.path.basename(directory)} was deleted")
         yield
     finally:
         os.close(fd)
