@@ -16,6 +16,8 @@
     python manage.py credentials add-user NAME --project P [--admin]     # prints the password
     python manage.py credentials add-token NAME --project P [--admin]    # prints the token
     python manage.py credentials list|remove [NAME]
+    python manage.py system status [--json]   # what scripts/run started, workers answering, queues, instances
+    python manage.py system stop              # stops what scripts/run started from this checkout
 
 A client of the conductor like the REST API (workers/conductor/api.py): it parses arguments
 and presents answers; every rule lives in the conductor. Only ``db`` opens the database;
@@ -29,7 +31,7 @@ import time
 import uuid
 from typing import Callable
 
-from dbaas import errors, settings, wire
+from dbaas import errors, settings, system, wire
 from workers.api import credentials
 from workers.api.credentials import CredentialError
 
@@ -203,6 +205,73 @@ def credentials_remove(args) -> int:
     return 0
 
 
+# --- the system as scripts/run runs it -----------------------------------------------------
+
+# Seconds workers have to answer remote control (a live one answers in milliseconds), and a
+# call to the conductor may take.
+ANSWER_SECONDS, CALL_SECONDS = 1.0, 5.0
+
+
+def system_status(args) -> int:
+    from kombu.exceptions import KombuError
+
+    from dbaas.celery import app
+    from workers.conductor.api import ConductorAPI
+    config = settings.get()
+    found = {}
+    for process in system.running(config):
+        found.setdefault(process.name.partition(".")[0], process)
+    status = {"var_dir": config.var_dir,
+              "processes": {name: {"running": name in found, "pid": found[name].pid if name in found else None}
+                            for name in system.procfile()},
+              "workers": None, "queues": None, "instances": None, "errors": []}
+    try:
+        with app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1)
+            status["workers"] = system.workers(app, connection, ANSWER_SECONDS)
+            status["queues"] = system.queue_depths(connection, [
+                config.conductor_queue, config.conductor_control_queue, config.taskmanager_queue])
+    except (OSError, KombuError) as exc:
+        status["errors"].append(f"broker unreachable: {exc}")
+    if status["workers"] and status["workers"]["conductor"]:
+        try:
+            status["instances"] = ConductorAPI(app, timeout=CALL_SECONDS).instance_counts()
+        except errors.DbaasError as exc:
+            status["errors"].append(f"instances not counted: {exc}")
+    elif status["workers"] is not None:
+        status["errors"].append("instances not counted: no conductor answers")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+    return 0
+
+
+def print_status(status: dict) -> None:
+    up = any(process["running"] for process in status["processes"].values())
+    print(f"system of {status['var_dir']}: {'running' if up else 'not running (scripts/run starts it)'}")
+    for name, process in status["processes"].items():
+        print(f"  {name:<12} {'running, pid %d' % process['pid'] if process['running'] else 'not running'}")
+    if status["workers"] is not None:
+        for role, names in status["workers"].items():
+            if names or role != "other":
+                print(f"{role}s answering: {', '.join(names) or 'none'}")
+    if status["queues"] is not None:
+        print("queues: " + ", ".join(f"{name} {'(none)' if depth is None else depth}"
+                                     for name, depth in status["queues"].items()))
+    if status["instances"] is not None:
+        print("instances: " + (", ".join(f"{count} {state}" for state, count
+                                         in sorted(status["instances"].items())) or "none"))
+    for error in status["errors"]:
+        print(error)
+
+
+def system_stop(_args) -> int:
+    if not system.stop():
+        print(f"the system of {settings.get().var_dir} is not running")
+    return 0
+
+
 # --- waiting and output --------------------------------------------------------------------
 
 def wait_for(kind: str, object_id: str, read: Callable[[str], dict], field: str,
@@ -332,6 +401,12 @@ def parse_args(argv):
         add.add_argument("--admin", action="store_true", help="may act for every project")
     command(callers, "list", credentials_list, "users and tokens, without secrets")
     command(callers, "remove", credentials_remove, "remove a user or token").add_argument("name")
+
+    whole = groups.add_parser("system", help="the system scripts/run started from this checkout").add_subparsers(
+        dest="action", required=True)
+    command(whole, "status", system_status, "its processes, the workers that answer (on any host), "
+            "queue depths and instances by status", with_json=True)
+    command(whole, "stop", system_stop, "stop it as Ctrl-C does: tasks in flight finish (scripts/stop)")
     return parser.parse_args(argv)
 
 
@@ -356,7 +431,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         return args.handler(args)
-    except (errors.DbaasError, Failed, OSError, settings.SettingError, CredentialError) as exc:
+    except (errors.DbaasError, Failed, OSError, settings.SettingError, CredentialError, system.Refused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

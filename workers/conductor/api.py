@@ -15,6 +15,7 @@ from dbaas.rpc import Client
 INSTANCE_CREATE = "conductor.instance_create"
 INSTANCE_SHOW = "conductor.instance_show"
 INSTANCE_LIST = "conductor.instance_list"
+INSTANCE_COUNTS = "conductor.instance_counts"
 INSTANCE_DELETE = "conductor.instance_delete"
 INSTANCE_RESTART = "conductor.instance_restart"
 INSTANCE_RESET_STATUS = "conductor.instance_reset_status"
@@ -54,6 +55,10 @@ class ConductorAPI(Client):
                       marker: str | None = None) -> list[dict]:
         """Oldest first; at most ``limit``, after the instance ``marker`` when given."""
         return self.call(INSTANCE_LIST, project_id=project_id, limit=limit, marker=marker)
+
+    def instance_counts(self) -> dict[str, int]:
+        """Live instances of every project by status: ``{"ACTIVE": 3, "BUILD": 1}``."""
+        return self.call(INSTANCE_COUNTS)
 
     def instance_delete(self, instance_id: str, project_id: str | None = None) -> dict:
         """Mark it DELETING and hand it to the taskmanager, which reports instance_deleted."""

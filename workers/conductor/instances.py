@@ -6,7 +6,7 @@ only through ``workers/conductor/api.py``.
 
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy import update as update_rows
 from sqlalchemy.orm import Session
 
@@ -106,6 +106,21 @@ def listing(session: Session, project_id: str | None = None, *, limit: int | Non
     if project_id is not None:
         statement = statement.where(Instance.tenant_id == quotas.validate_project(project_id))
     return list(session.scalars(paging.page(session, statement, Instance, project_id, limit, marker)))
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """Live instances by API status, counted in one query (the status is derived from
+    these three columns)."""
+    rows = session.execute(
+        select(Instance.task_status, Instance.service_status, Instance.fault_kind, func.count())
+        .where(Instance.deleted.is_(False))
+        .group_by(Instance.task_status, Instance.service_status, Instance.fault_kind))
+    counts: dict[str, int] = {}
+    for task_status, service_status, fault_kind, count in rows:
+        status = api_status(deleted=False, task_status=task_status, service_status=service_status,
+                            fault_kind=fault_kind)
+        counts[status] = counts.get(status, 0) + count
+    return counts
 
 
 def create(session: Session, instance_id: str, name, datastore: str | None,

@@ -67,6 +67,10 @@ def instance_list(session: Session, project_id=None, limit=None, marker=None) ->
                                                          marker=marker)]
 
 
+def instance_counts(session: Session) -> dict[str, int]:
+    return instances.count_by_status(session)
+
+
 def instance_delete(session: Session, instance_id, project_id=None) -> dict:
     instance = instances.request_delete(session, instance_id, project_id)
     deleting = instance.id

@@ -36,6 +36,11 @@ def instance_list(session, principal: Principal, project_id=None, limit=None, ma
     return manager.instance_list(session, project_id, limit, marker)
 
 
+@app.task(name=api.INSTANCE_COUNTS, base=ConductorCall)
+def instance_counts(session, principal: Principal):
+    return manager.instance_counts(session)
+
+
 @app.task(name=api.INSTANCE_DELETE, base=ConductorCall)
 def instance_delete(session, principal: Principal, instance_id, project_id=None):
     return manager.instance_delete(session, instance_id, project_id)
