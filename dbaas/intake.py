@@ -47,7 +47,13 @@ EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord"})
 
 
 class Refused(Exception):
-    """The message is malformed, forged or asks for what its sender may not have."""
+    """The message is malformed, forged or asks for what its sender may not have.
+    ``kind`` sorts refusals for metrics: malformed, too_large, headers, encoding, depth,
+    unauthenticated, not_allowed (and, later in the conductor, user_id, revoked, invalid)."""
+
+    def __init__(self, message: str, kind: str = "malformed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -99,47 +105,47 @@ def decode_json(body, content_type, content_encoding, max_bytes: int):
     """The JSON value of a body, or Refused: wrong content type, too big, not UTF-8 JSON
     (NaN and Infinity included), or nested too deep."""
     if content_type != CONTENT_TYPE:
-        raise Refused(f"content type {str(content_type)[:64]!r} is not {CONTENT_TYPE}")
+        raise Refused(f"content type {str(content_type)[:64]!r} is not {CONTENT_TYPE}", kind="encoding")
     if content_encoding is not None and str(content_encoding).lower() not in ENCODINGS:
-        raise Refused(f"content encoding {str(content_encoding)[:32]!r} is not utf-8")
+        raise Refused(f"content encoding {str(content_encoding)[:32]!r} is not utf-8", kind="encoding")
     if not isinstance(body, (bytes, str)):
-        raise Refused("the body is not bytes")
+        raise Refused("the body is not bytes", kind="malformed")
     if len(body) > max_bytes:
-        raise Refused(f"message of {len(body)} bytes exceeds the {max_bytes}-byte limit")
+        raise Refused(f"message of {len(body)} bytes exceeds the {max_bytes}-byte limit", kind="too_large")
     try:
         value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise Refused(f"undecodable body: {type(exc).__name__}: {str(exc)[:120]}") from None
+        raise Refused(f"undecodable body: {type(exc).__name__}: {str(exc)[:120]}", kind="malformed") from None
     if not within_depth(value):
-        raise Refused(f"the body nests deeper than {MAX_DEPTH} levels")
+        raise Refused(f"the body nests deeper than {MAX_DEPTH} levels", kind="depth")
     return value
 
 
 def check_headers(headers) -> dict:
     if not isinstance(headers, dict):
-        raise Refused("headers are not a mapping")
+        raise Refused("headers are not a mapping", kind="headers")
     if UNDECODABLE in headers:
-        raise Refused(f"headers not decodable: {headers[UNDECODABLE]}")
+        raise Refused(f"headers not decodable: {headers[UNDECODABLE]}", kind="depth")
     for name in REQUIRED_HEADERS:
         if name not in headers:
-            raise Refused(f"no {name!r} header")
+            raise Refused(f"no {name!r} header", kind="headers")
     for name, value in headers.items():
         if name.startswith("x-"):
             continue  # set by the broker (x-delivery-count, x-death), not by the sender
         types = HEADER_TYPES.get(name)
         if types is None:
-            raise Refused(f"unexpected header {str(name)[:64]!r}")
+            raise Refused(f"unexpected header {str(name)[:64]!r}", kind="headers")
         if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
-            raise Refused(f"header {name!r} has the wrong type")
+            raise Refused(f"header {name!r} has the wrong type", kind="headers")
     if not within_depth(headers):
-        raise Refused(f"headers nest deeper than {MAX_DEPTH} levels")
+        raise Refused(f"headers nest deeper than {MAX_DEPTH} levels", kind="depth")
     if len(headers["task"]) > 200 or not 0 < len(headers["id"]) <= 64:
-        raise Refused("header 'task' or 'id' is too long")
+        raise Refused("header 'task' or 'id' is too long", kind="headers")
     if headers.get("retries", 0) != 0:
-        raise Refused("a retried task (retries > 0) is never sent by the product")
+        raise Refused("a retried task (retries > 0) is never sent by the product", kind="not_allowed")
     limits = headers.get("timelimit", [None, None])
     if len(limits) != 2 or any(not (limit is None or _finite_number(limit)) for limit in limits):
-        raise Refused("header 'timelimit' is not [soft, hard]")
+        raise Refused("header 'timelimit' is not [soft, hard]", kind="headers")
     return headers
 
 
@@ -151,12 +157,12 @@ def check_body(payload) -> tuple[list, dict]:
     """(args, kwargs) of Celery's ``[args, kwargs, embed]``; an embed asking for anything
     (callbacks, errbacks, chain, chord) is refused: the product never sends one."""
     if not (isinstance(payload, list) and len(payload) == 3):
-        raise Refused("the body is not [args, kwargs, embed]")
+        raise Refused("the body is not [args, kwargs, embed]", kind="malformed")
     args, kwargs, embed = payload
     if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(embed, dict):
-        raise Refused("the body is not [list, mapping, mapping]")
+        raise Refused("the body is not [list, mapping, mapping]", kind="malformed")
     if set(embed) - EMBED_KEYS or any(embed.values()):
-        raise Refused("callbacks, errbacks, chains and chords are refused")
+        raise Refused("callbacks, errbacks, chains and chords are refused", kind="not_allowed")
     return args, kwargs
 
 
@@ -165,21 +171,21 @@ def verify_sender(task_name: str, args, kwargs, header, service_key: str) -> Pri
     these arguments: guests only the guest tasks and only about their own instance,
     everything else only the service. Refused otherwise."""
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
-        raise Refused("arguments are not a list and a mapping")
+        raise Refused("arguments are not a list and a mapping", kind="malformed")
     try:
         claim = signing.parse_header(header)
         signing.verify_claim(service_key, claim, task_name, args, kwargs)
     except signing.AuthError as exc:
-        raise Refused(f"unauthenticated: {exc}") from None
+        raise Refused(f"unauthenticated: {exc}", kind="unauthenticated") from None
     principal = Principal(claim.instance_id, claim.generation)
     if task_name in wire.GUEST_TASKS:
         if principal.is_service:
-            raise Refused(f"{task_name} is sent by guests only")
+            raise Refused(f"{task_name} is sent by guests only", kind="not_allowed")
         instance_id = args[0] if args else kwargs.get("instance_id")
         if instance_id != principal.instance_id:
-            raise Refused("instance_id does not match the sender's credentials")
+            raise Refused("instance_id does not match the sender's credentials", kind="not_allowed")
     elif not principal.is_service:
-        raise Refused(f"instance credentials may not call {task_name}")
+        raise Refused(f"instance credentials may not call {task_name}", kind="not_allowed")
     return principal
 
 
@@ -190,13 +196,13 @@ def check_task_message(message, *, tasks, max_bytes: int, service_key: str) -> T
     headers = check_headers(message.headers)
     task_name = headers["task"]
     if task_name not in tasks:
-        raise Refused(f"task {task_name[:64]!r} is not served on this queue")
+        raise Refused(f"task {task_name[:64]!r} is not served on this queue", kind="not_allowed")
     args, kwargs = check_body(decode_json(message.body, message.content_type,
                                           message.content_encoding, max_bytes))
     principal = verify_sender(task_name, args, kwargs, headers[wire.AUTH_HEADER], service_key)
     if not principal.is_service and (headers.get("expires") is not None
                                      or message.properties.get("reply_to")):
-        raise Refused("a guest's message may not expire or ask for a reply")
+        raise Refused("a guest's message may not expire or ask for a reply", kind="not_allowed")
     return TaskMessage(task_name, headers["id"], args, kwargs, principal)
 
 

@@ -94,10 +94,6 @@ OPTIONS: tuple[Option, ...] = (
            "an instance still BUILD this long after creation turns ERROR", used_by="conductor"),
     Option("backup_timeout", "DBAAS_BACKUP_TIMEOUT", float, "3600",
            "a backup unfinished this long after creation turns FAILED", used_by="conductor"),
-    Option("stop_timeout", "DBAAS_STOP_TIMEOUT", float, "30",
-           "seconds `scripts/run` gives its processes to stop warmly (tasks in flight finish) "
-           "on Ctrl-C, a closed terminal or `scripts/stop` before it kills them",
-           used_by="`scripts/run`"),
     Option("broker_admin_url", "DBAAS_BROKER_ADMIN_URL", str, "",
            "RabbitMQ's management API with an administrator's credentials "
            "(`http://user:pass@host:15672`): the taskmanager creates and deletes each "
@@ -119,6 +115,11 @@ OPTIONS: tuple[Option, ...] = (
            "the guest agent the local driver starts (`--config FILE` is appended)",
            used_by="taskmanager", default_text="`python -m workers.guestagent run`"),
     Option("quota_instances", "DBAAS_QUOTA_INSTANCES", int, "10",
+    Option("metrics_address", "DBAAS_METRICS_ADDRESS", str, "127.0.0.1",
+           "where each conductor serves Prometheus metrics (`/metrics`)", used_by="conductor"),
+    Option("metrics_port", "DBAAS_METRICS_PORT", int, "9810",
+           "the port of the conductor's metrics; a second conductor on the same host finds "
+           "it taken and goes on without one (give each its own port)", used_by="conductor"),
            "instances a project may have unless `manage.py quota set` gave it a limit of its own",
            used_by="conductor"),
     Option("quota_backups", "DBAAS_QUOTA_BACKUPS", int, "50",

@@ -16,6 +16,7 @@ retries or replies on this path.
 """
 
 import logging
+import time
 from dataclasses import dataclass
 
 from celery import bootsteps
@@ -24,7 +25,7 @@ from kombu import Consumer
 from dbaas import db, intake, settings, wire
 from dbaas.models import utcnow
 from dbaas.queues import queue
-from workers.conductor import auth, backups, heartbeats
+from workers.conductor import auth, backups, heartbeats, metrics
 from workers.conductor.messages import MessageRejected
 
 log = logging.getLogger(__name__)
@@ -38,31 +39,42 @@ class Delivery:
     task: intake.TaskMessage
 
 
-def apply_batch(session, tasks: list[intake.TaskMessage], now=None) -> list[str | None]:
-    """Per message, None (applied, or stale and discarded) or why it is refused. The
-    signatures were checked on arrival; here: are the senders' credentials still live,
-    then heartbeats in one pass and each backup update in a savepoint of its own (a
+@dataclass
+class Outcome:
+    """What one batch did: per message None (applied, or stale and discarded) or
+    (kind, reason) of its refusal; and how many heartbeats and backup updates applied."""
+    verdicts: list
+    heartbeats_applied: int = 0
+    backups_applied: int = 0
+
+
+def apply_batch(session, tasks: list[intake.TaskMessage], now=None) -> Outcome:
+    """The signatures were checked on arrival; here: are the senders' credentials still
+    live, then heartbeats in one pass and each backup update in a savepoint of its own (a
     refused one is rolled back alone). Heartbeats first and backups in id order, so two
     conductors' batches take their row locks in the same order."""
     now = now or utcnow()
-    verdicts = auth.refuse_revoked(session, [task.principal for task in tasks])
+    outcome = Outcome([None if refusal is None else ("revoked", refusal)
+                       for refusal in auth.refuse_revoked(session, [t.principal for t in tasks])])
+    verdicts = outcome.verdicts
     beats = [i for i, task in enumerate(tasks) if verdicts[i] is None and task.task == wire.HEARTBEAT_TASK]
-    for index, verdict in zip(beats, heartbeats.handle(session, [tasks[i] for i in beats], now)):
-        verdicts[index] = verdict
+    beat_verdicts, outcome.heartbeats_applied = heartbeats.handle(session, [tasks[i] for i in beats], now)
+    for index, refusal in zip(beats, beat_verdicts):
+        verdicts[index] = None if refusal is None else ("invalid", refusal)
     updates = []
     for index, task in enumerate(tasks):
         if verdicts[index] is None and task.task == wire.UPDATE_BACKUP_TASK:
             try:
                 updates.append((backups.parse_update(task.args, task.kwargs), index))
             except MessageRejected as exc:
-                verdicts[index] = str(exc)
+                verdicts[index] = ("invalid", str(exc))
     for change, index in sorted(updates, key=lambda item: (item[0].backup_id, item[0].sent)):
         try:
             with session.begin_nested():
-                backups.apply_update(session, change, now)
+                outcome.backups_applied += backups.apply_update(session, change, now)
         except MessageRejected as exc:
-            verdicts[index] = str(exc)
-    return verdicts
+            verdicts[index] = ("invalid", str(exc))
+    return outcome
 
 
 class GuestQueue(bootsteps.ConsumerStep):
@@ -125,9 +137,9 @@ class Batcher:
             if self.require_user_id and message.properties.get("user_id") != \
                     wire.guest_broker_user(task.principal.instance_id):
                 raise intake.Refused("the broker does not vouch for the sender: its user_id is "
-                                     "not the instance's own broker user")
+                                     "not the instance's own broker user", kind="user_id")
         except intake.Refused as exc:
-            self.refuse(message, intake.describe(message), str(exc))
+            self.refuse(message, intake.describe(message), exc.kind, str(exc))
             return
         self.pending.append(Delivery(message, task))
         if len(self.pending) >= self.size and not self.retry_delay:
@@ -163,7 +175,7 @@ class Batcher:
         if not batch:
             return
         try:
-            verdicts = self._run_batch([delivery.task for delivery in batch])
+            outcome = self._run_batch([delivery.task for delivery in batch])
         except Exception as exc:
             if not db.is_retryable(exc):
                 raise
@@ -174,31 +186,40 @@ class Batcher:
             self._arm(self.retry_delay)
             return
         self.retry_delay = 0.0
-        self._settle(batch, verdicts)
+        self._settle(batch, outcome)
         if self.pending and not self.timer_armed:
             self._arm(0 if len(self.pending) >= self.size else self.interval)
 
-    def _settle(self, batch: list[Delivery], verdicts: list) -> None:
+    def _settle(self, batch: list[Delivery], outcome: Outcome) -> None:
         """Refused ones rejected one by one, the rest acknowledged. Everything delivered
         before this batch is already settled (refused on arrival, or acknowledged with an
         earlier batch), so one multiple-ack of the newest accepted delivery settles
         exactly the accepted ones."""
         newest = None
-        for delivery, verdict in zip(batch, verdicts):
+        committed = time.time()
+        accepted = {wire.HEARTBEAT_TASK: 0, wire.UPDATE_BACKUP_TASK: 0}
+        latencies = []
+        for delivery, verdict in zip(batch, outcome.verdicts):
             if verdict is None:
                 newest = delivery
+                accepted[delivery.task.task] += 1
                 if not self.ack_many:
                     delivery.message.ack_log_error(log, self.errors)
+                if delivery.task.task == wire.HEARTBEAT_TASK:
+                    latencies.append(max(0.0, committed - delivery.task.args[2]))
             else:
-                self.refuse(delivery.message, f"{delivery.task.task}[{delivery.task.id}]", verdict)
+                self.refuse(delivery.message, f"{delivery.task.task}[{delivery.task.id}]", *verdict)
         if newest is not None and self.ack_many:
             try:
                 newest.message.ack(multiple=True)
             except self.errors:
                 log.exception("acknowledging a batch failed: the broker redelivers it")
+        metrics.batch_settled(len(batch), accepted, {wire.HEARTBEAT_TASK: outcome.heartbeats_applied,
+                                                     wire.UPDATE_BACKUP_TASK: outcome.backups_applied},
+                              latencies)
 
-    def _run_batch(self, tasks: list[intake.TaskMessage]) -> list:
-        """Verdicts for the whole batch; when the batch fails for another reason than the
+    def _run_batch(self, tasks: list[intake.TaskMessage]) -> Outcome:
+        """The whole batch in one transaction; when that fails for another reason than the
         database being away, each message alone, so one bad message cannot block the others."""
         try:
             return self._run(tasks)
@@ -206,22 +227,29 @@ class Batcher:
             if db.is_retryable(exc):
                 raise
             log.exception("guests' queue: batch of %d failed; applying one by one", len(tasks))
-        return [self._run_alone(task) for task in tasks]
+        total = Outcome([])
+        for task in tasks:
+            alone = self._run_alone(task)
+            total.verdicts += alone.verdicts
+            total.heartbeats_applied += alone.heartbeats_applied
+            total.backups_applied += alone.backups_applied
+        return total
 
     @staticmethod
-    def _run(tasks: list[intake.TaskMessage]) -> list:
+    def _run(tasks: list[intake.TaskMessage]) -> Outcome:
         return db.run_transaction(lambda session: apply_batch(session, tasks), retry_for=0)
 
-    def _run_alone(self, task: intake.TaskMessage):
+    def _run_alone(self, task: intake.TaskMessage) -> Outcome:
         try:
-            return self._run([task])[0]
+            return self._run([task])
         except Exception as exc:
             if db.is_retryable(exc):
                 raise
             log.exception("%s[%s] failed", task.task, task.id)
-            return f"failed: {type(exc).__name__}"
+            return Outcome([("failed", f"failed: {type(exc).__name__}")])
 
-    def refuse(self, message, what: str, reason: str) -> None:
+    def refuse(self, message, what: str, kind: str, reason: str) -> None:
         log.warning("refused %s on the guests' queue: %s", what, reason)
+        metrics.refused(kind)
         message.reject_log_error(log, self.errors, requeue=False)
 

@@ -75,10 +75,11 @@ def _heartbeat_values(status: str | None, version: str | None, now: datetime) ->
     return values
 
 
-def handle(session: Session, tasks: list, now: datetime | None = None) -> list:
+def handle(session: Session, tasks: list, now: datetime | None = None) -> tuple[list, int]:
     """Validate and apply a batch of conductor.heartbeat messages whose senders were
-    already verified (dbaas.intake) and found live. One verdict per message: None when
-    handled (applied, or stale and discarded), otherwise why it was refused."""
+    already verified (dbaas.intake) and found live: one verdict per message — None when
+    handled (applied, or stale and discarded), otherwise why it was refused — and how many
+    instances it changed."""
     max_skew = settings.get().max_clock_skew
     epoch_now = time.time()
     verdicts: list = [None] * len(tasks)
@@ -88,5 +89,4 @@ def handle(session: Session, tasks: list, now: datetime | None = None) -> list:
             beats.append(parse_heartbeat(task.args, task.kwargs, epoch_now, max_skew))
         except MessageRejected as exc:
             verdicts[index] = str(exc)
-    apply_heartbeats(session, beats, now or utcnow())
-    return verdicts
+    return verdicts, len(apply_heartbeats(session, beats, now or utcnow()))

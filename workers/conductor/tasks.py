@@ -5,14 +5,25 @@ Guests' messages (``conductor.heartbeat``, ``conductor.update_backup``: dbaas.wi
 Celery tasks: the guests' queue has a consumer of its own, registered here.
 """
 
-from dbaas import settings
+from celery import signals
+
+from dbaas import db, settings
 from dbaas.celery import app
-from workers.conductor import api, manager
+from workers.conductor import api, manager, metrics
 from workers.conductor.auth import Principal
 from workers.conductor.guest_consumer import GuestQueue
 from workers.conductor.task_base import ConductorCall, ConductorTask
 
 app.steps["consumer"].add(GuestQueue)
+# This module is imported by conductor workers only: they and their pool processes keep
+# their metrics in files that the main process serves.
+metrics.use_private_directory()
+
+
+@signals.worker_ready.connect
+def serve_metrics(**_):
+    config = settings.get()
+    metrics.serve([config.conductor_queue, config.conductor_control_queue, config.taskmanager_queue])
 
 
 # --- calls from the control plane
@@ -114,6 +125,8 @@ def backup_deleted(session, principal: Principal, backup_id):
 @app.task(name=api.SWEEP, base=ConductorTask)
 def sweep(session, principal: Principal):
     config = settings.get()
-    return manager.sweep(session, usage_timeout=config.usage_timeout,
-                         agent_heartbeat_expiry=config.agent_heartbeat_expiry,
-                         backup_timeout=config.backup_timeout)
+    changes = manager.sweep(session, usage_timeout=config.usage_timeout,
+                            agent_heartbeat_expiry=config.agent_heartbeat_expiry,
+                            backup_timeout=config.backup_timeout)
+    db.after_commit(session, lambda: metrics.sweep_done(changes))
+    return changes

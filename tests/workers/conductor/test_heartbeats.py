@@ -85,9 +85,9 @@ def handle(*envelopes: Envelope, now: datetime = T0) -> list:
             continue
         accepted.append((index, intake.TaskMessage(wire.HEARTBEAT_TASK, envelope.task_id,
                                                    envelope.args, envelope.kwargs, principal)))
-    applied = db.run_transaction(lambda session: apply_batch(session, [t for _i, t in accepted], now))
-    for (index, _task), verdict in zip(accepted, applied):
-        verdicts[index] = verdict
+    outcome = db.run_transaction(lambda session: apply_batch(session, [t for _i, t in accepted], now))
+    for (index, _task), verdict in zip(accepted, outcome.verdicts):
+        verdicts[index] = None if verdict is None else verdict[1]
     return verdicts
 
 

@@ -1,0 +1,167 @@
+"""What the conductor exports for Prometheus: guests' traffic (which Flower never sees —
+heartbeats are not Celery task runs), sweeps, instances by status and queue depths.
+
+Served over HTTP by each conductor's main process (``DBAAS_METRICS_PORT``, ``/metrics``).
+Its pool processes (calls, casts, sweeps) count too: prometheus_client's multiprocess mode,
+with one directory per conductor under ``var/metrics/``: a worker calls
+``use_private_directory`` before any of them is made. In any other process (tests) metrics
+stay in-process. Instances by status and queue depths are read when scraped.
+"""
+
+import functools
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from kombu import Connection
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import func, select
+
+from dbaas import db, settings
+from dbaas.models import Instance
+from dbaas.status import api_status
+
+log = logging.getLogger(__name__)
+
+SCRAPE_CACHE_SECONDS = 5.0
+
+
+def use_private_directory() -> None:
+    """var/metrics/conductor-<pid>, empty, for this worker and its pool; those of
+    conductors no longer running go."""
+    root = Path(settings.get().var_dir) / "metrics"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("conductor-*"):
+        pid = old.name.partition("-")[2]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(old, ignore_errors=True)
+    directory = root / f"conductor-{os.getpid()}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    # prometheus_client picks its value class when first imported, and the `celery`
+    # command has imported it already (Flower's command plugin): metrics made from now on
+    # (ours: see _metrics) must use the multiprocess one.
+    values.ValueClass = values.MultiProcessValue()
+
+
+@functools.cache
+def _metrics() -> SimpleNamespace:
+    """Made on first use, after a worker chose where they are kept."""
+    return SimpleNamespace(
+        guest_messages=Counter(
+            "dbaas_guest_messages_total",
+            "Guests' messages by task and outcome: applied, or stale (not newer than one "
+            "applied before: discarded)", ["task", "outcome"]),
+        refusals=Counter(
+            "dbaas_guest_messages_refused_total",
+            "Guests' messages refused, by reason: malformed, too_large, headers, encoding, "
+            "depth, unauthenticated, not_allowed, user_id, revoked, invalid, failed", ["reason"]),
+        batch_size=Histogram(
+            "dbaas_guest_batch_messages", "Guests' messages written per transaction",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)),
+        latency=Histogram(
+            "dbaas_heartbeat_send_to_commit_seconds",
+            "From a heartbeat's `sent` (the guest's clock) to the commit that applied it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+        sweeps=Counter("dbaas_sweeps_total", "Timeout sweeps run"),
+        sweep_changes=Counter(
+            "dbaas_sweep_changes_total",
+            "What the timeout sweeps changed: build_timeouts, heartbeat_expiries, "
+            "backup_timeouts, watermarks_removed", ["change"]),
+    )
+
+
+def refused(kind: str) -> None:
+    _metrics().refusals.labels(kind).inc()
+
+
+def batch_settled(size: int, accepted: dict[str, int], applied: dict[str, int],
+                  latencies: list[float]) -> None:
+    """One batch committed: its size, per task how many were accepted and applied (the
+    rest were stale), and each heartbeat's send-to-commit latency."""
+    metrics = _metrics()
+    metrics.batch_size.observe(size)
+    for task, count in accepted.items():
+        metrics.guest_messages.labels(task, "applied").inc(applied[task])
+        metrics.guest_messages.labels(task, "stale").inc(count - applied[task])
+    for latency in latencies:
+        metrics.latency.observe(latency)
+
+
+def sweep_done(changes: dict[str, int]) -> None:
+    metrics = _metrics()
+    metrics.sweeps.inc()
+    for change, count in changes.items():
+        metrics.sweep_changes.labels(change).inc(count)
+
+
+class StateCollector:
+    """Instances by API status and queue depths, read when scraped (and cached briefly, so
+    that several scrapers cost one query)."""
+
+    def __init__(self, queues: list[str]):
+        self.queues = queues
+        self._cached: tuple[float, list] | None = None
+
+    def collect(self):
+        if self._cached is None or time.monotonic() - self._cached[0] > SCRAPE_CACHE_SECONDS:
+            self._cached = (time.monotonic(), [self._instances(), self._depths()])
+        yield from self._cached[1]
+
+    @staticmethod
+    def _instances():
+        family = GaugeMetricFamily("dbaas_instances", "Live instances by status", labels=["status"])
+        try:
+            rows = db.run_transaction(lambda session: session.execute(
+                select(Instance.task_status, Instance.service_status, Instance.fault_kind, func.count())
+                .where(Instance.deleted.is_(False))
+                .group_by(Instance.task_status, Instance.service_status, Instance.fault_kind)).all(),
+                retry_for=0)
+        except Exception as exc:
+            log.warning("metrics: instances not counted: %s", exc)
+            return family
+        by_status: dict[str, int] = {}
+        for task_status, service_status, fault_kind, count in rows:
+            status = api_status(deleted=False, task_status=task_status, service_status=service_status,
+                                fault_kind=fault_kind)
+            by_status[status] = by_status.get(status, 0) + count
+        for status, count in sorted(by_status.items()):
+            family.add_metric([status], count)
+        return family
+
+    def _depths(self):
+        family = GaugeMetricFamily("dbaas_queue_messages", "Messages ready in a queue", labels=["queue"])
+        try:
+            with Connection(settings.get().broker_url, connect_timeout=3) as connection:
+                for name in self.queues:
+                    # A passive declare of a queue nobody declared yet closes its channel.
+                    with connection.channel() as channel:
+                        try:
+                            depth = channel.queue_declare(name, passive=True).message_count
+                        except connection.channel_errors:
+                            continue
+                    family.add_metric([name], depth)
+        except Exception as exc:
+            log.warning("metrics: queue depths not read: %s", exc)
+        return family
+
+
+def serve(queues: list[str]) -> None:
+    """Start the HTTP endpoint in this (the main) process; a conductor whose port is taken
+    by another on the same host goes on without one, saying so."""
+    config = settings.get()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(StateCollector(queues))
+    try:
+        start_http_server(config.metrics_port, addr=config.metrics_address, registry=registry)
+    except OSError as exc:
+        log.warning("metrics: not served on %s:%d: %s", config.metrics_address, config.metrics_port, exc)
+        return
+    log.info("metrics on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
