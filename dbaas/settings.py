@@ -107,6 +107,11 @@ OPTIONS: tuple[Option, ...] = (
            "on RabbitMQ, refuse a guest's message unless RabbitMQ vouched for its sender "
            "(the `user_id` property names that instance's broker user); turn off only to "
            "impersonate many guests over one connection (benchmarks)", used_by="conductor"),
+    Option("metrics_address", "DBAAS_METRICS_ADDRESS", str, "127.0.0.1",
+           "where each conductor serves Prometheus metrics (`/metrics`)", used_by="conductor"),
+    Option("metrics_port", "DBAAS_METRICS_PORT", int, "9810",
+           "the port of the conductor's metrics; a second conductor on the same host finds "
+           "it taken and goes on without one (give each its own port)", used_by="conductor"),
     Option("compute_driver", "DBAAS_COMPUTE_DRIVER", str, "local",
            "how the taskmanager runs guests: `local`, one OS process per instance",
            used_by="taskmanager"),
@@ -115,11 +120,6 @@ OPTIONS: tuple[Option, ...] = (
            "the guest agent the local driver starts (`--config FILE` is appended)",
            used_by="taskmanager", default_text="`python -m workers.guestagent run`"),
     Option("quota_instances", "DBAAS_QUOTA_INSTANCES", int, "10",
-    Option("metrics_address", "DBAAS_METRICS_ADDRESS", str, "127.0.0.1",
-           "where each conductor serves Prometheus metrics (`/metrics`)", used_by="conductor"),
-    Option("metrics_port", "DBAAS_METRICS_PORT", int, "9810",
-           "the port of the conductor's metrics; a second conductor on the same host finds "
-           "it taken and goes on without one (give each its own port)", used_by="conductor"),
            "instances a project may have unless `manage.py quota set` gave it a limit of its own",
            used_by="conductor"),
     Option("quota_backups", "DBAAS_QUOTA_BACKUPS", int, "50",
