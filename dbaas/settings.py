@@ -94,6 +94,10 @@ OPTIONS: tuple[Option, ...] = (
            "an instance still BUILD this long after creation turns ERROR", used_by="conductor"),
     Option("backup_timeout", "DBAAS_BACKUP_TIMEOUT", float, "3600",
            "a backup unfinished this long after creation turns FAILED", used_by="conductor"),
+    Option("stop_timeout", "DBAAS_STOP_TIMEOUT", float, "30",
+           "seconds `scripts/run` gives its processes to stop warmly (tasks in flight finish) "
+           "on Ctrl-C, a closed terminal or `scripts/stop` before it kills them",
+           used_by="`scripts/run`"),
     Option("broker_admin_url", "DBAAS_BROKER_ADMIN_URL", str, "",
            "RabbitMQ's management API with an administrator's credentials "
            "(`http://user:pass@host:15672`): the taskmanager creates and deletes each "
