@@ -54,7 +54,8 @@ class Authenticate:
         authorization = headers.get(b"authorization", b"")
         if authorization[:6].lower() == b"basic ":
             try:
-                name, colon, password = base64.b64decode(authorization[6:], validate=True).decode().partition(":")
+                decoded = base64.b64decode(authorization[6:], validate=True).decode()
+                name, colon, password = decoded.partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 return None
             if not colon:

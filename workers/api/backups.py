@@ -3,6 +3,7 @@
 import uuid
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from dbaas.errors import InvalidRequest
@@ -56,13 +57,13 @@ def create_backup(request: Request, project_id: str, body: BackupCreate, who: Ca
     record = conductor().backup_create(str(uuid.uuid4()), views.known_id(spec.instance, "instance"),
                                        spec.name, description=spec.description,
                                        project_id=project_id)
-    return {"backup": views.backup(request, record)}
+    return JSONResponse({"backup": views.backup(request, record)}, status_code=202)
 
 
 @router.get("/backups/{backup_id}", summary="Show a backup")
 def show_backup(request: Request, project_id: str, backup_id: str, who: Caller = Depends(caller)):
     record = conductor().backup_show(views.known_id(backup_id, "backup"), project_id=project_id)
-    return {"backup": views.backup(request, record)}
+    return JSONResponse({"backup": views.backup(request, record)})
 
 
 @router.delete("/backups/{backup_id}", status_code=202, response_class=Response,

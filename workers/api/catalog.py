@@ -76,7 +76,8 @@ def parse_flavors(text: str) -> tuple[Flavor, ...]:
             flavor = Flavor(str_id, name, int(ram), int(vcpus), int(disk))
         except ValueError:
             raise SettingError(f"DBAAS_API_FLAVORS: {item!r} is not ID:NAME:RAM_MB:VCPUS:DISK_GB") from None
-        if not FLAVOR_ID.fullmatch(str_id) or not name.isprintable() or min(flavor.ram, flavor.vcpus, flavor.disk) < 0:
+        if not (FLAVOR_ID.fullmatch(str_id) and name.isprintable()
+                and min(flavor.ram, flavor.vcpus, flavor.disk) >= 0):
             raise SettingError(f"DBAAS_API_FLAVORS: bad flavor {item!r}")
         flavors.append(flavor)
     if not flavors or len({f.str_id for f in flavors}) != len(flavors):

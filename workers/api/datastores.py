@@ -2,6 +2,7 @@
 …``). Each is found by name or by id, as in Trove."""
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from dbaas.errors import not_found
 from workers.api import views
@@ -21,7 +22,8 @@ def datastore_view(request: Request, project_id: str, name: str) -> dict:
     return {"id": datastore_id(name), "name": name,
             "links": views.links(request, project_id, "datastores", datastore_id(name)),
             "versions": [{"id": version_id(name, v), "name": v,
-                          "links": views.links(request, project_id, "datastores/versions", version_id(name, v))}
+                          "links": views.links(request, project_id, "datastores/versions",
+                                               version_id(name, v))}
                          for v in versions],
             "default_version": version_id(name, versions[0])}
 
@@ -48,8 +50,8 @@ def known_version(datastore: str, ref: str) -> str:
 
 @router.get("/datastores", summary="List datastores")
 def list_datastores(request: Request, project_id: str):
-    return {"datastores": [datastore_view(request, project_id, name) for name in DATASTORES],
-            "links": []}
+    return JSONResponse({"datastores": [datastore_view(request, project_id, name) for name in DATASTORES],
+                         "links": []})
 
 
 @router.get("/datastores/versions/{version_id}", summary="Show a datastore version by its id")
@@ -57,29 +59,29 @@ def show_version_by_id(request: Request, project_id: str, version_id: str):
     found = find_version_anywhere(version_id)
     if found is None:
         raise not_found("datastore version", version_id)
-    return {"version": version_view(request, project_id, *found)}
+    return JSONResponse({"version": version_view(request, project_id, *found)})
 
 
 @router.get("/datastores/{datastore}", summary="Show a datastore (name or id)")
 def show_datastore(request: Request, project_id: str, datastore: str):
-    return {"datastore": datastore_view(request, project_id, known_datastore(datastore))}
+    return JSONResponse({"datastore": datastore_view(request, project_id, known_datastore(datastore))})
 
 
 @router.get("/datastores/{datastore}/versions", summary="List a datastore's versions")
 def list_versions(request: Request, project_id: str, datastore: str):
     name = known_datastore(datastore)
-    return {"versions": [version_view(request, project_id, name, v) for v in DATASTORES[name].versions],
-            "links": []}
+    return JSONResponse({"versions": [version_view(request, project_id, name, v)
+                                      for v in DATASTORES[name].versions], "links": []})
 
 
 @router.get("/datastores/{datastore}/versions/{version}", summary="Show a datastore version")
 def show_version(request: Request, project_id: str, datastore: str, version: str):
     name = known_datastore(datastore)
-    return {"version": version_view(request, project_id, name, known_version(name, version))}
+    return JSONResponse({"version": version_view(request, project_id, name, known_version(name, version))})
 
 
 @router.get("/datastores/{datastore}/versions/{version}/flavors",
             summary="Flavors for a datastore version (all of them)")
 def version_flavors(request: Request, project_id: str, datastore: str, version: str):
     known_version(known_datastore(datastore), version)
-    return {"flavors": [flavor_view(request, project_id, flavor) for flavor in flavors()]}
+    return JSONResponse({"flavors": [flavor_view(request, project_id, flavor) for flavor in flavors()]})

@@ -4,6 +4,7 @@ Each has both ``id`` and ``str_id``: troveclient takes ``str_id`` when ``id`` is
 Trove's ``id`` is a number only for a decimal id."""
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from dbaas.errors import not_found
 from workers.api import views
@@ -23,7 +24,7 @@ def flavor_view(request: Request, project_id: str, flavor: Flavor) -> dict:
 
 @router.get("/flavors", summary="List flavors")
 def list_flavors(request: Request, project_id: str):
-    return {"flavors": [flavor_view(request, project_id, flavor) for flavor in flavors()]}
+    return JSONResponse({"flavors": [flavor_view(request, project_id, flavor) for flavor in flavors()]})
 
 
 @router.get("/flavors/{flavor_id}", summary="Show a flavor")
@@ -31,4 +32,4 @@ def show_flavor(request: Request, project_id: str, flavor_id: str):
     flavor = find_flavor(flavor_id)
     if flavor is None:
         raise not_found("flavor", flavor_id)
-    return {"flavor": flavor_view(request, project_id, flavor)}
+    return JSONResponse({"flavor": flavor_view(request, project_id, flavor)})

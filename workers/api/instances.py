@@ -3,6 +3,7 @@
 import uuid
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dbaas.errors import InvalidRequest
@@ -62,7 +63,7 @@ class InstanceAction(BaseModel):
 # --- routes ----------------------------------------------------------------------------------
 
 def _listing(request: Request, who: Caller, project_id: str | None, limit: int | None,
-             marker: str | None) -> dict:
+             marker: str | None) -> JSONResponse:
     size = views.page_size(limit)
     records = conductor().instance_list(project_id, limit=size + 1, marker=marker)
     return views.page(request, "instances", records, size,
@@ -78,8 +79,9 @@ def list_instances(request: Request, project_id: str, limit: int | None = Query(
 
 @router.get("/instances/detail", summary="List instances with details (the same as the list)")
 def list_instances_detail(request: Request, project_id: str, limit: int | None = Query(None, ge=1),
-                          marker: str | None = Query(None, min_length=1), include_clustered: bool | None = None,
-                          all_projects: bool | None = None, who: Caller = Depends(caller)):
+                          marker: str | None = Query(None, min_length=1),
+                          include_clustered: bool | None = None, all_projects: bool | None = None,
+                          who: Caller = Depends(caller)):
     return _listing(request, who, listing_scope(who, project_id, all_projects), limit, marker)
 
 
@@ -103,13 +105,13 @@ def create_instance(request: Request, project_id: str, body: InstanceCreate,
         str(uuid.uuid4()), spec.name, datastore=datastore, restore_from=restore_from,
         project_id=project_id, datastore_version=version, flavor_id=flavor.str_id,
         volume_size=spec.volume.size)
-    return {"instance": views.instance(request, record, who.admin)}
+    return JSONResponse({"instance": views.instance(request, record, who.admin)})
 
 
 @router.get("/instances/{instance_id}", summary="Show an instance")
 def show_instance(request: Request, project_id: str, instance_id: str, who: Caller = Depends(caller)):
     record = conductor().instance_show(views.known_id(instance_id, "instance"), project_id=project_id)
-    return {"instance": views.instance(request, record, who.admin)}
+    return JSONResponse({"instance": views.instance(request, record, who.admin)})
 
 
 @router.delete("/instances/{instance_id}", status_code=202, response_class=Response,
@@ -125,7 +127,8 @@ def instance_action(project_id: str, instance_id: str, body: InstanceAction,
                     who: Caller = Depends(caller)):
     asked = [name for name in ACTIONS if getattr(body, name) is not None] + list(body.model_extra or {})
     if len(asked) != 1 or asked[0] not in ACTIONS:
-        raise InvalidRequest(f"give exactly one action of {', '.join(ACTIONS)}; got {', '.join(asked)[:200] or 'none'}")
+        got = ", ".join(asked)[:200] or "none"
+        raise InvalidRequest(f"give exactly one action of {', '.join(ACTIONS)}; got {got}")
     instance_id = views.known_id(instance_id, "instance")
     if asked[0] == "restart":
         conductor().instance_restart(instance_id, project_id=project_id)
@@ -136,7 +139,8 @@ def instance_action(project_id: str, instance_id: str, body: InstanceAction,
 
 @router.get("/instances/{instance_id}/backups", summary="List an instance's backups")
 def list_instance_backups(request: Request, project_id: str, instance_id: str,
-                          limit: int | None = Query(None, ge=1), marker: str | None = Query(None, min_length=1),
+                          limit: int | None = Query(None, ge=1),
+                          marker: str | None = Query(None, min_length=1),
                           who: Caller = Depends(caller)):
     size = views.page_size(limit)
     records = conductor().backup_list(project_id, views.known_id(instance_id, "instance"),
@@ -162,4 +166,4 @@ def mgmt_show_instance(request: Request, project_id: str, instance_id: str,
                        who: Caller = Depends(caller)):
     listing_scope(who, project_id, all_projects=True)
     record = conductor().instance_show(views.known_id(instance_id, "instance"))
-    return {"instance": views.instance(request, record, admin=True)}
+    return JSONResponse({"instance": views.instance(request, record, admin=True)})

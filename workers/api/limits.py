@@ -2,6 +2,7 @@
 (the conductor counts what is in use). There are no rate limits."""
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from workers.api.auth import caller
 from workers.api.conductor import conductor
@@ -18,4 +19,4 @@ def limits(project_id: str):
     for resource in ("instances", "backups"):
         absolute[f"max_{resource}"] = quota[resource]["limit"]
         absolute[f"{resource}_in_use"] = quota[resource]["in_use"]
-    return {"limits": [absolute]}
+    return JSONResponse({"limits": [absolute]})

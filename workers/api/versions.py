@@ -1,6 +1,7 @@
 """The versions document, without credentials as in Trove (clients do not ask for it)."""
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from workers.api import views
 from workers.api.auth import API_PREFIX
@@ -15,10 +16,10 @@ def version(request: Request) -> dict:
 
 @router.get("/", summary="The API's versions")
 def versions(request: Request):
-    return {"versions": [version(request)]}
+    return JSONResponse({"versions": [version(request)]})
 
 
 @router.get(f"/{API_PREFIX}", summary="Version 1.0", include_in_schema=False)
 @router.get(f"/{API_PREFIX}/", summary="Version 1.0")
 def version_document(request: Request):
-    return {"version": version(request)}
+    return JSONResponse({"version": version(request)})

@@ -4,11 +4,16 @@ backups.py ``view``): what python-troveclient and the openstack CLI read.
 A key the clients read must be present even when it has no value: a list item without
 ``flavor.id`` costs a lazy GET per item, a shown instance without ``datastore.version``
 crashes ``openstack database instance show``.
+
+Routes answer a ``JSONResponse`` of these plain dicts: a returned dict would go through
+FastAPI's ``jsonable_encoder``, ten times ``json.dumps`` (19 ms against 2 ms for a list of
+100 instances here).
 """
 
 import uuid
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from dbaas import settings
 from dbaas.errors import not_found
@@ -96,7 +101,7 @@ def page_size(limit: int | None) -> int:
     return min(limit or largest, largest)
 
 
-def page(request: Request, key: str, records: list, size: int, view) -> dict:
+def page(request: Request, key: str, records: list, size: int, view) -> JSONResponse:
     """``{key: [...], "links": [...]}`` from ``records`` fetched with ``limit=size + 1``: the
     one beyond the page says there is a next one, linked with the last id as marker
     (troveclient reads only the marker of the ``rel: next`` link)."""
@@ -104,4 +109,4 @@ def page(request: Request, key: str, records: list, size: int, view) -> dict:
     if len(records) > size:
         after = request.url.include_query_params(limit=size, marker=records[size - 1]["id"])
         body["links"].append({"href": str(after), "rel": "next"})
-    return body
+    return JSONResponse(body)
