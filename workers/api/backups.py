@@ -13,8 +13,7 @@ from workers.api.conductor import conductor
 from workers.api.credentials import Caller
 from workers.api.errors import FAULTS
 
-router = APIRouter(prefix="/v1.0/{project_id}", tags=["backups"],
-                   responses=FAULTS)
+router = APIRouter(prefix="/v1.0/{project_id}", tags=["backups"], responses=FAULTS)
 
 
 class BackupSpec(BaseModel):
