@@ -64,6 +64,14 @@ def guest_broker_password(service_key: str, instance_id: str, generation: int) -
     return _derive(service_key, "dbaas guest broker password", instance_id, generation)
 
 
+def admin_password(secret: str, generation: int) -> str:
+    """The password of the datastore's administrator user, ``generation`` of it, derived
+    from the guest's own ``secret``: the guest computes it where it sets it, the control
+    plane where it shows it, and it is never stored or sent (docs/adr/0007)."""
+    label = f"dbaas admin password\0{generation}".encode()
+    return hmac.new(secret.encode(), label, hashlib.sha256).hexdigest()[:32]
+
+
 def auth_header(principal: str, key: str, task_name: str, args, kwargs,
                 generation: int | None = None) -> dict:
     header = {"v": VERSION, "principal": principal, "mac": mac(key, task_name, args, kwargs)}

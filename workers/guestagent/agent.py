@@ -17,7 +17,13 @@ Statuses reported (each heartbeat, and at once on every change of phase):
 - ``shutdown`` after a clean stop (the ``stop`` command, SIGTERM or SIGINT), then it exits.
 
 An agent started on a prepared data_dir starts the datastore (adopting a server its
-killed predecessor left running) and reports as above: the instance recovers.
+killed predecessor left running) and reports as above: the instance recovers. Only one
+agent runs per data_dir (``pidlock``): a second one exits at once.
+
+An agent whose instance was deleted stops by itself: on RabbitMQ its broker user is
+deleted, which closes its connection, and after ``REFUSALS_BEFORE_STOP`` refused logins in
+a row it stops as after ``stop``; on the embedded broker, which has no users, the
+taskmanager sends it ``stop`` before removing its queue.
 """
 
 import contextlib
@@ -32,11 +38,13 @@ import threading
 import time
 from pathlib import Path
 
+from amqp.exceptions import AccessRefused
 from kombu import Connection
 from kombu.mixins import ConsumerMixin
 
-from dbaas import intake
+from dbaas import intake, signing
 from dbaas.storage import BACKUP_NAME, LocalStorage
+from workers.guestagent import pidlock
 from workers.guestagent.client import ConductorClient
 from workers.guestagent.commands import (COMMAND_MAX_BYTES, CommandRefused, command_queue,
                                          verify_command)
@@ -48,6 +56,11 @@ log = logging.getLogger("guestagent")
 
 GB = 1024 ** 3
 SCRATCH_SUFFIX = ".scratch"
+# Logins the broker refuses in a row (about one a second) before the agent concludes that
+# its credentials were revoked — its instance deleted — and stops.
+REFUSALS_BEFORE_STOP = 5
+# The administrator's password at creation; reset_password moves to later generations.
+FIRST_PASSWORD_GENERATION = 1
 # What a heartbeat reports in each phase without probing (None: liveness only); in
 # phase "up" it probes the datastore instead.
 PHASE_STATUS = {
@@ -121,6 +134,10 @@ class BrokerGivenUp(Exception):
     """Asked to stop while waiting for the broker to come back."""
 
 
+class CredentialsRefused(Exception):
+    """The broker refused this guest's login REFUSALS_BEFORE_STOP times in a row."""
+
+
 class Agent(ConsumerMixin):
     def __init__(self, config: GuestConfig):
         self.config = config
@@ -133,8 +150,10 @@ class Agent(ConsumerMixin):
         # heartbeat that probed before a change is never sent after the change's report.
         self._phase_lock = threading.Lock()
         self._done = threading.Event()
+        self.refusals = 0
         self.handlers = {"prepare": self.prepare, "restart": self.restart,
-                         "backup": self.backup, "stop": self.stop}
+                         "backup": self.backup, "stop": self.stop,
+                         "reset_password": self.reset_password}
 
     # --- lifetime
 
@@ -150,7 +169,7 @@ class Agent(ConsumerMixin):
         beats.start()
         try:
             self.run()
-        except BrokerGivenUp:
+        except (BrokerGivenUp, CredentialsRefused):
             pass
         finally:
             self._done.set()
@@ -168,6 +187,23 @@ class Agent(ConsumerMixin):
         if self.should_stop:
             raise BrokerGivenUp() from exc
         super().on_connection_error(exc, interval)
+
+    def consume(self, *args, **kwargs):
+        # A refused login is not a connection error kombu retries: it surfaces here, and
+        # kombu's run() tries again once a second, forever.
+        try:
+            yield from super().consume(*args, **kwargs)
+        except AccessRefused:
+            self.refusals += 1
+            if self.refusals >= REFUSALS_BEFORE_STOP:
+                log.warning("the broker refused this guest's login %d times in a row: its "
+                            "credentials were revoked (the instance deleted?); stopping",
+                            self.refusals)
+                raise CredentialsRefused() from None
+            raise
+
+    def on_connection_revived(self) -> None:
+        self.refusals = 0
 
     # --- heartbeats
 
@@ -243,7 +279,8 @@ class Agent(ConsumerMixin):
                 if restore_location:
                     self.storage.get(restore_location, str(scratch))
                     restore_from = str(scratch)
-                self.datastore.prepare(restore_from=restore_from, port=port, host=host)
+                self.datastore.prepare(restore_from=restore_from, port=port, host=host,
+                                       admin_password=self.admin_password(FIRST_PASSWORD_GENERATION))
         except Exception:
             log.exception("prepare failed")
             self.enter("failed")
@@ -263,6 +300,18 @@ class Agent(ConsumerMixin):
     def stop(self) -> None:
         self.shutdown_datastore()
         self.should_stop = True
+
+    def reset_password(self, generation) -> None:
+        if not (type(generation) is int and 0 < generation < 2 ** 31):
+            raise CommandRefused(f"generation {str(generation)[:32]!r} is not a positive integer")
+        if not self.datastore.admin_user:
+            raise CommandRefused(f"a {self.config.datastore} datastore has no users")
+        if not self.datastore.prepared():
+            raise CommandRefused("the datastore is not prepared")
+        self.datastore.set_admin_password(self.admin_password(generation))
+
+    def admin_password(self, generation: int) -> str:
+        return signing.admin_password(self.config.secret, generation)
 
     def start_datastore(self) -> None:
         try:
@@ -342,9 +391,16 @@ def is_ipv4(text: str) -> bool:
 def run(config: GuestConfig) -> None:
     if not (config.data_dir and config.backup_root):
         raise SystemExit("the guest config must name data_dir and backup_root")
-    agent = Agent(config)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, agent.request_stop)
-    log.info("agent for instance %s (%s) starting, pid %d", config.instance_id,
-             config.datastore, os.getpid())
-    agent.serve()
+    try:
+        lock = pidlock.hold(config.data_dir)
+    except pidlock.AlreadyRunning as exc:
+        raise SystemExit(f"instance {config.instance_id}: {exc}") from None
+    try:
+        agent = Agent(config)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, agent.request_stop)
+        log.info("agent for instance %s (%s) starting, pid %d", config.instance_id,
+                 config.datastore, os.getpid())
+        agent.serve()
+    finally:
+        pidlock.release(config.data_dir, lock)

@@ -6,7 +6,8 @@ exchange ``guestagent`` with the instance id as routing key. A command is a JSON
 over ``guest.<NAME>`` and the args, keyed with that instance's own secret: only the control
 plane and the guest know it, so no other tenant's guest can command this one.
 
-Commands: prepare {port?, restore_location?}, restart {}, backup {backup_id}, stop {}.
+Commands: prepare {port?, restore_location?, host?}, restart {}, backup {backup_id}, stop {},
+reset_password {generation} (the administrator's password becomes that generation's).
 """
 
 from kombu import Connection, Exchange, Producer, Queue
@@ -16,7 +17,7 @@ from dbaas import signing, wire
 from dbaas.queues import arguments
 
 EXCHANGE = Exchange("guestagent", type="direct", durable=True)
-COMMANDS = frozenset({"prepare", "restart", "backup", "stop"})
+COMMANDS = frozenset({"prepare", "restart", "backup", "stop", "reset_password"})
 # A command is a few hundred bytes: anything much larger is not one of ours.
 COMMAND_MAX_BYTES = 65536
 

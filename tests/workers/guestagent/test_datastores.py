@@ -3,6 +3,7 @@
 import sqlite3
 from contextlib import closing
 
+import psycopg2
 import pytest
 
 from workers.guestagent.datastores import datastore_for
@@ -118,3 +119,51 @@ def test_postgresql_without_a_port_picks_and_remembers_one(postgres_programs, gu
     datastore.stop()
     assert datastore_for("postgresql", guest_dir / "db").prepare(port=port + 1) is False
     assert datastore.connection_info()["port"] == port and datastore.probe()
+
+
+def login(datastore: PostgresqlDatastore, user: str, password: str | None) -> str:
+    """Connect as a client on the host would: over TCP, with a password or none."""
+    info = datastore.connection_info()
+    try:
+        with closing(psycopg2.connect(host=info["host"], port=info["port"], user=user, password=password,
+                                      dbname=info["database"], connect_timeout=5)) as client:
+            with client.cursor() as cursor:
+                cursor.execute("select current_user")
+                return cursor.fetchone()[0]
+    except psycopg2.OperationalError as exc:
+        return f"refused: {exc}"
+
+
+def test_postgresql_asks_every_client_for_a_password(postgres_programs, guest_dir):
+    datastore = PostgresqlDatastore(guest_dir / "db")
+    datastore.prepare(admin_password="first-password")
+    assert datastore.connection_info() == {"host": "127.0.0.1", "port": datastore.port, "user": "admin",
+                                           "database": "postgres"}
+    assert login(datastore, "admin", "first-password") == "admin"
+    for user, password in (("admin", None), ("admin", "wrong"), ("postgres", None), ("postgres", "")):
+        assert login(datastore, user, password).startswith("refused: "), (user, password)
+    assert "password authentication failed" in login(datastore, "admin", "wrong")
+    # The agent's own superuser password is the cluster's, owner-only, nowhere else.
+    password_file = guest_dir / "db" / "superuser.pgpass"
+    assert oct(password_file.stat().st_mode & 0o777) == "0o600"
+    assert datastore.probe()
+
+    datastore.set_admin_password("second-password")
+    assert login(datastore, "admin", "second-password") == "admin"
+    assert login(datastore, "admin", "first-password").startswith("refused: ")
+
+
+def test_postgresql_restores_what_the_administrator_owns(postgres_programs, guest_dir):
+    original = PostgresqlDatastore(guest_dir / "original")
+    original.prepare(admin_password="secret")
+    info = original.connection_info()
+    with closing(psycopg2.connect(host=info["host"], port=info["port"], user="admin", password="secret",
+                                  dbname="postgres")) as client, client, client.cursor() as cursor:
+        cursor.execute("create table mine (value text); insert into mine values ('kept')")
+    dump = guest_dir / "dump"
+    original.backup(str(dump))
+    copy = PostgresqlDatastore(guest_dir / "copy")
+    copy.prepare(restore_from=str(dump), admin_password="other")
+    assert copy.query("select tableowner || ':' || (select value from mine) from pg_tables "
+                      "where tablename = 'mine'") == "admin:kept"
+    assert login(copy, "admin", "other") == "admin"

@@ -25,6 +25,8 @@ class Datastore(ABC):
 
     #: reported as the backup's backup_type
     backup_type: str
+    #: the administrator user clients log in as; None for a datastore without users
+    admin_user: str | None = None
 
     def __init__(self, data_dir: str | os.PathLike):
         # Absolute: programs a datastore runs may work in another directory.
@@ -40,10 +42,10 @@ class Datastore(ABC):
         return self.state().get("prepared", False)
 
     def prepare(self, restore_from: str | None = None, port: int | None = None,
-                host: str | None = None) -> bool:
+                host: str | None = None, admin_password: str | None = None) -> bool:
         """Create the database, or fill it from the backup file *restore_from*, and start
-        it. Idempotent: an already prepared datastore is only started. Returns whether
-        it was created now."""
+        it, its administrator's password set (a datastore with users). Idempotent: an
+        already prepared datastore is only started. Returns whether it was created now."""
         if self.prepared():
             self.start()
             return False
@@ -56,6 +58,8 @@ class Datastore(ABC):
         else:
             self.create()
         self.start()
+        if self.admin_user and admin_password is not None:
+            self.set_admin_password(admin_password)
         write_json(self.data_dir / STATE_FILE, {"prepared": True, **settings})
         return True
 
@@ -92,6 +96,10 @@ class Datastore(ABC):
     @abstractmethod
     def backup(self, dest_path: str) -> None:
         """A consistent copy of the running database written to *dest_path*."""
+
+    def set_admin_password(self, password: str) -> None:
+        """Give the administrator user (made if missing) this password; it must be serving."""
+        raise NotImplementedError(f"{type(self).__name__} has no users")
 
     @abstractmethod
     def connection_info(self) -> dict:

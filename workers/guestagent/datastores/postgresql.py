@@ -1,8 +1,12 @@
-"""A PostgreSQL cluster of its own in ``data_dir/pgdata``, listening on 127.0.0.1 only.
+"""A PostgreSQL cluster of its own in ``data_dir/pgdata``, listening on 127.0.0.1 (and on
+the address clients reach it at, when the compute driver gives one).
 
 Server programs (initdb, pg_ctl) refuse to run as root: an agent running as root runs
-them as the ``postgres`` user, which then owns ``pgdata``. Clients (psql, pg_dump,
-pg_restore) connect over TCP with the cluster's trust authentication as ``postgres``.
+them as the ``postgres`` user, which then owns ``pgdata``. Every connection is TCP and
+needs a password (scram-sha-256; no Unix socket, no trust): clients log in as ``admin``,
+whose password derives from the guest's secret (dbaas.signing.admin_password,
+docs/adr/0007); the agent's own clients (psql, pg_dump, pg_restore) log in as ``postgres``
+with a random password made at initdb, kept owner-only in ``data_dir/superuser.pgpass``.
 
 The postmaster runs in a session of its own, so that signals meant for the agent's
 process group (a terminal's Ctrl-C, a supervisor's SIGTERM) leave it to the agent to
@@ -11,25 +15,39 @@ agent adopts it (``start`` finds it running from its pid file). An instance dele
 while its agent is dead must have its postmaster stopped with ``stop_cluster``.
 """
 
+import base64
 import functools
 import glob
+import hashlib
+import hmac
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
+from dbaas.files import write_atomically
+from workers.guestagent.api import DATASTORES
 from workers.guestagent.datastores.base import Datastore
 
 log = logging.getLogger(__name__)
 
 OS_USER = "postgres"
 SUPERUSER = "postgres"
-DATABASE = "postgres"
+ADMIN_USER = DATASTORES["postgresql"].admin_user
+DATABASE = DATASTORES["postgresql"].database
 HOST = "127.0.0.1"
+PASSWORD_FILE = "superuser.pgpass"
+# Replaces initdb's: TCP only, a password for every user, from wherever the server listens.
+PG_HBA = """# written by the dbaas guest agent: a password for every connection (docs/adr/0007)
+host all all 0.0.0.0/0 scram-sha-256
+host all all ::/0 scram-sha-256
+"""
+SCRAM_ITERATIONS = 4096
 # Seconds: a probe answers quickly or counts as failed; starting and stopping wait for
 # recovery and checkpoints; a dump or restore running longer than a day is stuck.
 PROBE_TIMEOUT = 5
@@ -51,16 +69,18 @@ def bin_dir() -> str:
 
 
 def run(program: str, *args: str, data_dir: Path, as_owner: bool = False, timeout: float,
-        new_session: bool = False) -> subprocess.CompletedProcess:
+        new_session: bool = False, input: str | None = None) -> subprocess.CompletedProcess:
     """Run a PostgreSQL program for the cluster of *data_dir*, raising with its output
     when it fails. It runs in data_dir: the postgres user can enter it (maybe not the
     agent's own working directory), and a compute driver looking for an instance's
-    processes by their directory finds it."""
+    processes by their directory finds it. Clients find the superuser's password in
+    data_dir's password file (none in a cluster made before passwords: it trusts)."""
     command = [os.path.join(bin_dir(), program), *args]
     if as_owner and os.geteuid() == 0:
         command = ["runuser", "-u", OS_USER, "--", *command]
+    env = {**os.environ, "PGCONNECT_TIMEOUT": "3", "PGPASSFILE": str(data_dir / PASSWORD_FILE)}
     result = subprocess.run(command, cwd=data_dir, capture_output=True, text=True, timeout=timeout,
-                            start_new_session=new_session, env={**os.environ, "PGCONNECT_TIMEOUT": "3"})
+                            start_new_session=new_session, env=env, input=input)
     if result.returncode != 0:
         raise RuntimeError(f"{program} exited with {result.returncode}: "
                            f"{(result.stderr or result.stdout).strip()[-2000:]}")
@@ -96,8 +116,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def scram_verifier(password: str) -> str:
+    """What PostgreSQL stores of a scram-sha-256 password (RFC 5803): sent instead of the
+    password, which so never reaches the server or its logs."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, SCRAM_ITERATIONS)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    encode = base64.b64encode
+    return (f"SCRAM-SHA-256${SCRAM_ITERATIONS}:{encode(salt).decode()}$"
+            f"{encode(stored_key).decode()}:{encode(server_key).decode()}")
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 class PostgresqlDatastore(Datastore):
     backup_type = "pg_dump"
+    admin_user = ADMIN_USER
 
     @property
     def pgdata(self) -> Path:
@@ -122,17 +160,40 @@ class PostgresqlDatastore(Datastore):
         # initdb killed midway leaves a pid file of its bootstrap backend that pg_ctl
         # cannot stop (nor tell from a live one while the dead backend awaits its reaper).
         staging = tempfile.mkdtemp(prefix=INITDB_PREFIX, dir=self.data_dir)
+        password = secrets.token_hex(16)
+        write_atomically(self.data_dir / PASSWORD_FILE, f"*:*:*:{SUPERUSER}:{password}\n", mode=0o600)
+        # initdb reads the superuser's password from a file (never its command line), as
+        # the postgres user; the file goes with initdb's staging files.
+        password_file = os.path.join(staging, "superuser.password")
+        write_atomically(password_file, password, mode=0o600)
+        hba = os.path.join(staging, "pg_hba.dbaas")
+        write_atomically(hba, PG_HBA, mode=0o600)
         if os.geteuid() == 0:
-            shutil.chown(staging, OS_USER, OS_USER)
-        run("initdb", "-D", staging, "-A", "trust", "-U", SUPERUSER, "--encoding=UTF8",
-            "--locale=C", data_dir=self.data_dir, as_owner=True, timeout=SERVER_TIMEOUT)
-        os.rename(staging, self.pgdata)
+            for path in (staging, password_file, hba):
+                shutil.chown(path, OS_USER, OS_USER)
+        pgdata = os.path.join(staging, "pgdata")
+        run("initdb", "-D", pgdata, "--auth=scram-sha-256", f"--pwfile={password_file}",
+            "-U", SUPERUSER, "--encoding=UTF8", "--locale=C", data_dir=self.data_dir,
+            as_owner=True, timeout=SERVER_TIMEOUT)
+        os.replace(hba, os.path.join(pgdata, "pg_hba.conf"))
+        os.rename(pgdata, self.pgdata)
+        shutil.rmtree(staging)
 
     def restore(self, src_path: str) -> None:
         self.create()
         self.start()
+        # Objects the dump has owned by the administrator need the role to exist first.
+        self.query(f"CREATE ROLE {quote_ident(ADMIN_USER)}")
         self._client("pg_restore", "-d", DATABASE, "--exit-on-error", "--single-transaction",
                      src_path, timeout=DUMP_TIMEOUT)
+
+    def set_admin_password(self, password: str) -> None:
+        role = quote_ident(ADMIN_USER)
+        # Passed on stdin: not even the verifier shows in a process list.
+        self._client("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", DATABASE, timeout=PROBE_TIMEOUT,
+                     input=f"SELECT 'CREATE ROLE {role}' WHERE NOT EXISTS "
+                           f"(SELECT FROM pg_roles WHERE rolname = '{ADMIN_USER}') \\gexec\n"
+                           f"ALTER ROLE {role} WITH LOGIN SUPERUSER PASSWORD '{scram_verifier(password)}';\n")
 
     def start(self) -> None:
         if cluster_running(self.pgdata):
@@ -164,9 +225,10 @@ class PostgresqlDatastore(Datastore):
         self._client("pg_dump", "-Fc", "-f", dest_path, DATABASE, timeout=DUMP_TIMEOUT)
 
     def connection_info(self) -> dict:
-        return {"host": self.state().get("host") or HOST, "port": self.port, "user": SUPERUSER,
-                "database": DATABASE}
+        return DATASTORES["postgresql"].connection(str(self.data_dir), self.state().get("host") or HOST,
+                                                   self.port)
 
-    def _client(self, program: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    def _client(self, program: str, *args: str, timeout: float,
+                input: str | None = None) -> subprocess.CompletedProcess:
         return run(program, "-w", "-h", HOST, "-p", str(self.port), "-U", SUPERUSER, *args,
-                   data_dir=self.data_dir, timeout=timeout)
+                   data_dir=self.data_dir, timeout=timeout, input=input)

@@ -5,6 +5,7 @@ from contextlib import closing
 from pathlib import Path
 
 from dbaas.storage import copy_atomically
+from workers.guestagent.api import DATASTORES
 from workers.guestagent.datastores.base import Datastore
 
 # A probe or backup waits at most this long for a writer's lock.
@@ -22,7 +23,7 @@ class SqliteDatastore(Datastore):
 
     @property
     def path(self) -> Path:
-        return self.data_dir / "db.sqlite3"
+        return self.data_dir / DATASTORES["sqlite"].file
 
     def discard(self) -> None:
         for suffix in ("", "-journal", "-wal", "-shm"):
@@ -61,4 +62,4 @@ class SqliteDatastore(Datastore):
             source.backup(dest)
 
     def connection_info(self) -> dict:
-        return {"path": str(self.path.resolve())}
+        return DATASTORES["sqlite"].connection(str(self.data_dir), None, None)
