@@ -41,6 +41,8 @@ class Instance(Base):
     fault_at: Mapped[datetime | None] = mapped_column(DateTime)
     host: Mapped[str | None] = mapped_column(String(255))
     port: Mapped[int | None] = mapped_column(Integer)
+    # What a client needs to connect, as JSON: {host, port, user, database} or {path}.
+    connection: Mapped[str | None] = mapped_column(Text)
     # What the tenant asked for (the API's flavor id and volume size in GB); recorded and
     # shown, not enforced by the local compute driver.
     flavor_id: Mapped[str | None] = mapped_column(String(36))
@@ -52,6 +54,9 @@ class Instance(Base):
     # The guest's secret is derived from the service key, the id and this number
     # (dbaas.signing.guest_secret); only the current generation of a live instance verifies.
     credential_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # The administrator's password is derived from the guest's secret and this number
+    # (dbaas.signing.admin_password); a reset moves to the next one.
+    password_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     __table_args__ = (
         # The timeout sweeps filter on these.

@@ -8,6 +8,9 @@ ALIVE_SERVICE_STATUSES = frozenset({"running", "healthy"})
 FAILED_SERVICE_STATUSES = frozenset({"failed to spawn"})
 # fault_kind the heartbeat-expiry sweep sets; valid heartbeats clear it.
 HEARTBEAT_EXPIRED = "heartbeat_expired"
+# What a guest reports while a restart (or the prepare a restarted guest redoes) is still
+# under way: any other status ends the instance's REBOOTING task.
+RESTART_UNDER_WAY = frozenset({"restarting", "new", "building"})
 
 TASK_STATUS_API = {
     "BUILDING": "BUILD",

@@ -245,19 +245,20 @@ def test_delete_restart_and_backups_hand_over(cli):
     update_instance(instance_id, credential_generation=3)  # the record's generation is sent
     handed_over(cli.stack.broker_url)
 
-    assert ok(cli, "instance", "restart", instance_id) == f"restarting instance {instance_id}\n"
     backup = ok(cli, "backup", "create", instance_id, "nightly", "--description", "before upgrade", "--json")
     assert BACKUP_KEYS <= set(backup)
     assert (backup["state"], backup["instance_id"], backup["name"], backup["description"]) == (
         "NEW", instance_id, "nightly", "before upgrade")
+    assert ok(cli, "instance", "restart", instance_id) == f"restarting instance {instance_id}\n"
+    assert ok(cli, "instance", "show", instance_id, "--json")["status"] == "REBOOT"
     completed = add_backup(instance_id, "COMPLETED")
     assert ok(cli, "backup", "delete", completed) == f"deleting backup {completed}\n"
     assert ok(cli, "instance", "delete", instance_id) == f"deleting instance {instance_id}\n"
     assert handed_over(cli.stack.broker_url) == [
-        (taskmanager_api.RESTART_INSTANCE, [instance_id, 3]),
         (taskmanager_api.CREATE_BACKUP, [backup["id"], instance_id, 3]),
+        (taskmanager_api.RESTART_INSTANCE, [instance_id, 3, "sqlite"]),
         (taskmanager_api.DELETE_BACKUP, [completed, LOCATION]),
-        (taskmanager_api.DELETE_INSTANCE, [instance_id]),
+        (taskmanager_api.DELETE_INSTANCE, [instance_id, 3]),
     ]
     shown = ok(cli, "instance", "show", instance_id, "--json")
     assert (shown["task_status"], shown["status"]) == ("DELETING", "SHUTDOWN")

@@ -12,7 +12,7 @@ from tests.support.stack import configure
 
 TABLES_0002 = {"instances", "backups", "watermarks"}
 TABLES = TABLES_0002 | {"projects"}
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture
@@ -173,7 +173,6 @@ def test_0002_to_0003_upgrade_and_downgrade_keep_the_data(empty_database):
     assert rows(empty_database, "SELECT id, datastore, datastore_version, state FROM backups") == [
         (BACKUP, "sqlite", "3", "COMPLETED")]
     assert rows(empty_database, "SELECT * FROM projects") == []
-    assert differences(empty_database) == []
     with empty_database.begin() as connection:
         connection.execute(text("INSERT INTO projects (id, max_instances, created) "
                                 "VALUES ('p1', 3, '2030-01-01 00:00:00')"))
@@ -185,5 +184,26 @@ def test_0002_to_0003_upgrade_and_downgrade_keep_the_data(empty_database):
     assert rows(empty_database, "SELECT id, instance_id, state FROM backups") == [
         (BACKUP, INSTANCE, "COMPLETED")]
 
-    migrations.upgrade()
+    migrations.upgrade("0003")
     assert schema(empty_database) == upgraded
+
+
+# --- 0003 -> 0004: connections, administrator password generations ------------------------
+
+def test_0003_to_0004_upgrade_and_downgrade_keep_the_data(empty_database):
+    migrations.upgrade("0001")
+    fill_0001(empty_database)
+    migrations.upgrade("0003")
+    at_0003 = schema(empty_database)
+    before = rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status, host, port FROM instances")
+
+    migrations.upgrade("0004")
+    assert rows(empty_database, "SELECT connection, password_generation FROM instances") == [(None, 1)]
+    assert rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status, host, port "
+                                "FROM instances") == before
+    assert differences(empty_database) == []
+
+    command.downgrade(migrations.alembic_config(), "0003")
+    assert schema(empty_database) == at_0003
+    assert rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status, host, port "
+                                "FROM instances") == before

@@ -19,6 +19,8 @@ INSTANCE_COUNTS = "conductor.instance_counts"
 INSTANCE_DELETE = "conductor.instance_delete"
 INSTANCE_RESTART = "conductor.instance_restart"
 INSTANCE_RESET_STATUS = "conductor.instance_reset_status"
+INSTANCE_RESET_PASSWORD = "conductor.instance_reset_password"
+INSTANCE_GUESTS = "conductor.instance_guests"
 INSTANCE_UPDATE = "conductor.instance_update"
 INSTANCE_DELETED = "conductor.instance_deleted"
 BACKUP_CREATE = "conductor.backup_create"
@@ -40,9 +42,10 @@ class ConductorAPI(Client):
                         datastore_version: str | None = None, flavor_id: str | None = None,
                         volume_size: int | None = None) -> dict:
         """Record an instance in BUILD, within its project's quota (OverLimit), and hand
-        it to the taskmanager; the new record. ``instance_id`` is chosen by the caller so
-        that a retried create is the same create; ``restore_from`` is a COMPLETED backup's
-        id (its datastore and version are taken)."""
+        it to the taskmanager; the new record, with its administrator's ``password`` for a
+        datastore with users (it is shown at create only). ``instance_id`` is chosen by the
+        caller so that a retried create is the same create; ``restore_from`` is a
+        COMPLETED backup's id (its datastore and version are taken)."""
         return self.call(INSTANCE_CREATE, instance_id, name, datastore=datastore,
                          restore_from=restore_from, project_id=project_id,
                          datastore_version=datastore_version, flavor_id=flavor_id,
@@ -65,13 +68,25 @@ class ConductorAPI(Client):
         return self.call(INSTANCE_DELETE, instance_id, project_id=project_id)
 
     def instance_restart(self, instance_id: str, project_id: str | None = None) -> dict:
+        """REBOOT until the guest reports: its datastore restarted, or a guest that was
+        gone started again."""
         return self.call(INSTANCE_RESTART, instance_id, project_id=project_id)
+
+    def instance_reset_password(self, instance_id: str, project_id: str | None = None) -> dict:
+        """A new password for the administrator user: ``{"instance", "user", "password"}``
+        (shown only in this answer); the guest sets it."""
+        return self.call(INSTANCE_RESET_PASSWORD, instance_id, project_id=project_id)
 
     def instance_reset_status(self, instance_id: str, project_id: str | None = None) -> dict:
         """Clear a fault, a stuck task and a sticky status: ``{"instance", "cleared"}``."""
         return self.call(INSTANCE_RESET_STATUS, instance_id, project_id=project_id)
 
-    # --- instances: casts from the taskmanager
+    # --- instances: for the taskmanager
+
+    def instance_guests(self, limit: int | None = None, marker: str | None = None) -> list[dict]:
+        """Every live instance, oldest first, in pages, as its guest needs it started:
+        ``{"id", "datastore", "generation", "task_status", "fault_kind"}``."""
+        return self.call(INSTANCE_GUESTS, limit=limit, marker=marker)
 
     def instance_update(self, instance_id: str, **fields) -> None:
         self.cast(INSTANCE_UPDATE, instance_id, **fields)

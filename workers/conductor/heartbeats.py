@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from dbaas import settings, wire
 from dbaas.models import Instance, utcnow
-from dbaas.status import ALIVE_SERVICE_STATUSES, HEARTBEAT_EXPIRED
+from dbaas.status import ALIVE_SERVICE_STATUSES, HEARTBEAT_EXPIRED, RESTART_UNDER_WAY
 from workers.conductor import ordering
 from workers.conductor.messages import Heartbeat, MessageRejected, parse_heartbeat
 
@@ -65,9 +65,14 @@ def _heartbeat_values(status: str | None, version: str | None, now: datetime) ->
     sticky = Instance.service_status.in_(wire.STICKY_SERVICE_STATUSES)
     values["service_status"] = case((sticky, Instance.service_status), else_=status)
     values["service_status_updated"] = case((sticky, Instance.service_status_updated), else_=now)
-    if status in ALIVE_SERVICE_STATUSES:
+    # A build ends when the datastore answers; a restart when the guest reports anything
+    # but that it is still under way (a datastore that did not come back ends it too).
+    ended = ({"BUILDING"} if status in ALIVE_SERVICE_STATUSES else set()) | (
+        set() if status in RESTART_UNDER_WAY else {"REBOOTING"})
+    if ended:
         values["task_status"] = case(
-            (Instance.task_status == "BUILDING", "NONE"), else_=Instance.task_status)
+            (Instance.task_status.in_(sorted(ended)), "NONE"), else_=Instance.task_status)
+    if status in ALIVE_SERVICE_STATUSES:
         expired = Instance.fault_kind == HEARTBEAT_EXPIRED
         values["fault_kind"] = case((expired, None), else_=Instance.fault_kind)
         values["fault_message"] = case((expired, None), else_=Instance.fault_message)

@@ -4,16 +4,17 @@ The conductor's tasks decode a message and call these; the CLI and the REST API 
 only through ``workers/conductor/api.py``.
 """
 
+import json
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select
 from sqlalchemy import update as update_rows
 from sqlalchemy.orm import Session
 
-from dbaas import settings, wire
+from dbaas import settings, signing, wire
 from dbaas.errors import Conflict, InvalidRequest, not_found
 from dbaas.models import Backup, Instance, utcnow
-from dbaas.status import api_status, operating_status
+from dbaas.status import HEARTBEAT_EXPIRED, api_status, operating_status
 from workers.conductor import paging, quotas
 from workers.guestagent.api import DATASTORES
 
@@ -21,6 +22,10 @@ MAX_NAME_LENGTH = 255
 MAX_FLAVOR_ID_LENGTH = 36
 DEFAULT_PROJECT = "default"
 DEFAULT_DATASTORE = "sqlite"
+# Faults that mean the guest is gone: a restart, which starts a guest again, clears them
+# (the taskmanager's GUEST_LOST and RESPAWN_FAILED, the sweeps' heartbeat and restart
+# timeouts).
+GUEST_GONE_FAULTS = frozenset({HEARTBEAT_EXPIRED, "guest_lost", "respawn_failed", "restart_timeout"})
 
 
 def validate_name(name, what: str = "instance") -> str:
@@ -81,6 +86,7 @@ def view(instance: Instance) -> dict:
                   "created": iso_utc(instance.fault_at)} if instance.fault_kind else None,
         "host": instance.host,
         "port": instance.port,
+        "connection": json.loads(instance.connection) if instance.connection else None,
         "created": iso_utc(instance.created),
         "updated": iso_utc(instance.updated),
     }
@@ -176,6 +182,49 @@ def deleted(session: Session, instance_id: str, now: datetime) -> None:
     instance.deleted, instance.deleted_at, instance.task_status = True, now, "NONE"
 
 
+def request_restart(session: Session, instance_id, project_id: str | None = None) -> Instance:
+    """REBOOT until the guest reports a settled status (heartbeats.py) or stays silent for
+    the heartbeat expiry (sweeps.py); a fault that says the guest is gone is cleared, as
+    the taskmanager starts a guest again when none runs. A restart during a build leaves
+    it building."""
+    instance = get(session, instance_id, project_id, for_update=True)
+    if instance.task_status == "DELETING":
+        raise Conflict(f"instance {instance.id} is being deleted")
+    if instance.fault_kind in GUEST_GONE_FAULTS:
+        instance.fault_kind = instance.fault_message = instance.fault_at = None
+    if instance.task_status == "NONE":
+        instance.task_status = "REBOOTING"
+    return instance
+
+
+def admin_password(instance: Instance) -> str | None:
+    """The administrator's current password, derived (docs/adr/0007); None for a datastore
+    without users."""
+    if not DATASTORES[instance.datastore].admin_user:
+        return None
+    secret = signing.guest_secret(settings.get().service_key, instance.id, instance.credential_generation)
+    return signing.admin_password(secret, instance.password_generation)
+
+
+def reset_password(session: Session, instance_id, project_id: str | None = None) -> Instance:
+    """The next generation of the administrator's password."""
+    instance = get(session, instance_id, project_id, for_update=True)
+    if not DATASTORES[instance.datastore].admin_user:
+        raise InvalidRequest(f"a {instance.datastore} instance has no users: clients open its file")
+    if instance.task_status == "DELETING":
+        raise Conflict(f"instance {instance.id} is being deleted")
+    instance.password_generation += 1
+    return instance
+
+
+def guests(session: Session, *, limit: int | None = None, marker: str | None = None) -> list[dict]:
+    """Every live instance with what the taskmanager needs to start its guest, in pages."""
+    statement = select(Instance).where(Instance.deleted.is_(False))
+    return [{"id": i.id, "datastore": i.datastore, "generation": i.credential_generation,
+             "task_status": i.task_status, "fault_kind": i.fault_kind}
+            for i in session.scalars(paging.page(session, statement, Instance, None, limit, marker))]
+
+
 def reset_status(session: Session, instance_id,
                  project_id: str | None = None) -> tuple[Instance, list[str]]:
     """Take an instance out of ERROR or a stuck task by hand; heartbeats set the rest."""
@@ -227,9 +276,25 @@ def _port(value):
     raise ValueError("a port number")
 
 
+CONNECTION_FIELDS = {"host": _text(255), "port": _port, "user": _text(255),
+                     "database": _text(255), "path": _text(4096)}
+
+
+def _connection(value):
+    """{host, port, user, database} or {path}; stored as JSON text."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value or not set(value) <= CONNECTION_FIELDS.keys():
+        raise ValueError(f"an object of {', '.join(CONNECTION_FIELDS)}")
+    for name, check in CONNECTION_FIELDS.items():
+        check(value.get(name))
+    return json.dumps(value)
+
+
 UPDATABLE = {
     "task_status": _text(32), "service_status": _service_status, "fault_kind": _text(32),
     "fault_message": _text(None), "fault_at": _moment, "host": _text(255), "port": _port,
+    "connection": _connection,
 }
 
 

@@ -14,6 +14,7 @@ from dbaas.celery import app
 from dbaas.errors import InvalidRequest
 from dbaas.models import Instance, utcnow
 from workers.conductor import backups, instances, quotas, sweeps
+from workers.guestagent.api import DATASTORES
 from workers.taskmanager.api import TaskmanagerAPI
 
 _taskmanager: TaskmanagerAPI | None = None
@@ -55,7 +56,10 @@ def instance_create(session: Session, instance_id, name, datastore=None, restore
         # (the taskmanager's create is idempotent), never handing it over is not.
         args = (instance.id, instance.datastore, restore_location, instance.credential_generation)
         db.after_commit(session, lambda: taskmanager().create_instance(*args))
-    return instances.view(instance)
+    view = instances.view(instance)
+    if password := instances.admin_password(instance):
+        view["password"] = password
+    return view
 
 
 def instance_show(session: Session, instance_id, project_id=None) -> dict:
@@ -73,16 +77,28 @@ def instance_counts(session: Session) -> dict[str, int]:
 
 def instance_delete(session: Session, instance_id, project_id=None) -> dict:
     instance = instances.request_delete(session, instance_id, project_id)
-    deleting = instance.id
-    db.after_commit(session, lambda: taskmanager().delete_instance(deleting))
+    args = (instance.id, instance.credential_generation)
+    db.after_commit(session, lambda: taskmanager().delete_instance(*args))
     return instances.view(instance)
 
 
 def instance_restart(session: Session, instance_id, project_id=None) -> dict:
-    instance = instances.get(session, instance_id, project_id)
-    args = (instance.id, instance.credential_generation)
+    instance = instances.request_restart(session, instance_id, project_id)
+    args = (instance.id, instance.credential_generation, instance.datastore)
     db.after_commit(session, lambda: taskmanager().restart_instance(*args))
     return instances.view(instance)
+
+
+def instance_reset_password(session: Session, instance_id, project_id=None) -> dict:
+    instance = instances.reset_password(session, instance_id, project_id)
+    args = (instance.id, instance.credential_generation, instance.password_generation)
+    db.after_commit(session, lambda: taskmanager().reset_password(*args))
+    return {"instance": instances.view(instance), "user": DATASTORES[instance.datastore].admin_user,
+            "password": instances.admin_password(instance)}
+
+
+def instance_guests(session: Session, limit=None, marker=None) -> list[dict]:
+    return instances.guests(session, limit=limit, marker=marker)
 
 
 def instance_reset_status(session: Session, instance_id, project_id=None) -> dict:

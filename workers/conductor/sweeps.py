@@ -15,6 +15,7 @@ from dbaas.status import ALIVE_SERVICE_STATUSES, HEARTBEAT_EXPIRED
 from workers.conductor import ordering
 
 BUILD_TIMEOUT = "build_timeout"
+RESTART_TIMEOUT = "restart_timeout"
 
 
 def _fault(session: Session, now: datetime, kind: str, message: str, *conditions) -> int:
@@ -42,6 +43,16 @@ def expire_heartbeats(session: Session, now: datetime, expiry: float) -> int:
                   Instance.task_status == "NONE",
                   Instance.service_status.in_(ALIVE_SERVICE_STATUSES),
                   Instance.last_heartbeat < now - timedelta(seconds=expiry))
+
+
+def expire_restarts(session: Session, now: datetime, expiry: float) -> int:
+    """Instances restarting (REBOOT) whose guest reported nothing for ``expiry`` → ERROR.
+    Every report of the guest writes the row (``updated``); a restart that never brings a
+    guest back writes nothing after the restart itself."""
+    return _fault(session, now, RESTART_TIMEOUT,
+                  f"no report from the guest agent within {expiry:.0f}s of the restart",
+                  Instance.task_status == "REBOOTING",
+                  Instance.updated < now - timedelta(seconds=expiry))
 
 
 def expire_backups(session: Session, now: datetime, backup_timeout: float) -> int:
@@ -76,6 +87,7 @@ def sweep(session: Session, now: datetime, *, usage_timeout: float, agent_heartb
     return {
         "build_timeouts": expire_builds(session, now, usage_timeout),
         "heartbeat_expiries": expire_heartbeats(session, now, agent_heartbeat_expiry),
+        "restart_timeouts": expire_restarts(session, now, agent_heartbeat_expiry),
         "backup_timeouts": expire_backups(session, now, backup_timeout),
         "watermarks_removed": remove_deleted_watermarks(session),
     }

@@ -67,6 +67,16 @@ def instance_reset_status(session, principal: Principal, instance_id, project_id
     return manager.instance_reset_status(session, instance_id, project_id)
 
 
+@app.task(name=api.INSTANCE_RESET_PASSWORD, base=ConductorCall)
+def instance_reset_password(session, principal: Principal, instance_id, project_id=None):
+    return manager.instance_reset_password(session, instance_id, project_id)
+
+
+@app.task(name=api.INSTANCE_GUESTS, base=ConductorCall)
+def instance_guests(session, principal: Principal, limit=None, marker=None):
+    return manager.instance_guests(session, limit, marker)
+
+
 @app.task(name=api.BACKUP_CREATE, base=ConductorCall)
 def backup_create(session, principal: Principal, backup_id, instance_id, name, description=None,
                   project_id=None):

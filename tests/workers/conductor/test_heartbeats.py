@@ -237,9 +237,21 @@ def test_alive_heartbeat_ends_building(guest, status, task_status):
 
 
 def test_alive_heartbeat_leaves_other_task_statuses(guest):
-    update_instance(guest.instance_id, task_status="REBOOTING")
+    update_instance(guest.instance_id, task_status="BACKING_UP")
     apply(beat(guest.instance_id, 1, "running"))
-    assert row(guest.instance_id).task_status == "REBOOTING"
+    assert row(guest.instance_id).task_status == "BACKING_UP"
+
+
+@pytest.mark.parametrize("status, task_status", [
+    ("running", "NONE"), ("crashed", "NONE"), ("shutdown", "NONE"), ("failed to spawn", "NONE"),
+    ("restarting", "REBOOTING"), ("building", "REBOOTING"), (None, "REBOOTING"),
+])
+def test_a_settled_status_ends_a_restart(guest, status, task_status):
+    """A restart ends with the guest's first report that is not of one under way: a
+    datastore that did not come back ends it too (the instance then shows ERROR)."""
+    update_instance(guest.instance_id, task_status="REBOOTING")
+    apply(beat(guest.instance_id, 1, status))
+    assert row(guest.instance_id).task_status == task_status
 
 
 def set_fault(instance_id: str, kind: str) -> None:

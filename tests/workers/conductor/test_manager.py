@@ -10,7 +10,7 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
-from dbaas import db
+from dbaas import db, settings, signing
 from dbaas.db import _AFTER_COMMIT
 from dbaas.errors import Conflict, InvalidRequest, NotFound
 from dbaas.models import Backup, Instance
@@ -25,7 +25,7 @@ class Taskmanager:
 
     def __getattr__(self, name):
         if name not in ("create_instance", "delete_instance", "restart_instance", "create_backup",
-                        "delete_backup"):
+                        "delete_backup", "reset_password"):
             raise AttributeError(name)
         return lambda *args: self.sent.append((name, *args))
 
@@ -219,7 +219,7 @@ def test_delete_marks_deleting_and_hands_over_after_commit(taskmanager):
     instance_id = create(taskmanager)["id"]
     view = call(manager.instance_delete, instance_id, "p1")
     assert (view["status"], view["task_status"]) == ("SHUTDOWN", "DELETING")
-    assert taskmanager.sent == [("delete_instance", instance_id)]
+    assert taskmanager.sent == [("delete_instance", instance_id, 1)]
     assert row(Instance, instance_id).deleted is False  # until the taskmanager reports
 
 
@@ -240,8 +240,74 @@ def test_deleted_ends_the_instance(taskmanager):
 def test_restart_hands_over_with_the_credentials_generation(taskmanager):
     instance_id = create(taskmanager)["id"]
     make_active(instance_id)
-    assert call(manager.instance_restart, instance_id, "p1")["status"] == "ACTIVE"
-    assert taskmanager.sent == [("restart_instance", instance_id, 1)]
+    view = call(manager.instance_restart, instance_id, "p1")
+    assert (view["status"], view["task_status"]) == ("REBOOT", "REBOOTING")
+    assert taskmanager.sent == [("restart_instance", instance_id, 1, "sqlite")]
+
+
+def test_restart_clears_a_fault_that_says_the_guest_is_gone(taskmanager):
+    gone, failed, building = (create(taskmanager)["id"] for _ in range(3))
+    for instance_id in (gone, failed):
+        make_active(instance_id)
+    call(manager.instance_update, gone, {"fault_kind": "heartbeat_expired", "fault_message": "silent"})
+    call(manager.instance_update, failed, {"fault_kind": "build_timeout", "fault_message": "slow"})
+    assert call(manager.instance_show, gone)["status"] == "ERROR"
+    view = call(manager.instance_restart, gone)
+    assert (view["status"], view["fault"]) == ("REBOOT", None)
+    # A fault a new guest would not mend stays; a build stays a build.
+    view = call(manager.instance_restart, failed)
+    assert (view["status"], view["fault"]["kind"]) == ("ERROR", "build_timeout")
+    assert call(manager.instance_restart, building)["task_status"] == "BUILDING"
+    call(manager.instance_delete, building)
+    with pytest.raises(Conflict, match="is being deleted"):
+        call(manager.instance_restart, building)
+
+
+def test_a_postgresql_create_answers_the_admin_password_and_a_reset_the_next(taskmanager):
+    view = call(manager.instance_create, str(uuid.uuid4()), "pg", datastore="postgresql")
+    secret = signing.guest_secret(settings.get().service_key, view["id"], 1)
+    assert view["password"] == signing.admin_password(secret, 1)
+    assert "password" not in call(manager.instance_show, view["id"])
+    assert "password" not in create(taskmanager)  # SQLite: no users
+
+    answer = call(manager.instance_reset_password, view["id"])
+    assert (answer["instance"]["id"], answer["user"]) == (view["id"], "admin")
+    assert answer["password"] == signing.admin_password(secret, 2) != view["password"]
+    assert taskmanager.sent[-1] == ("reset_password", view["id"], 1, 2)
+    assert call(manager.instance_reset_password, view["id"])["password"] == signing.admin_password(secret, 3)
+    with pytest.raises(InvalidRequest, match="a sqlite instance has no users"):
+        call(manager.instance_reset_password, create(taskmanager)["id"])
+    with pytest.raises(NotFound):
+        call(manager.instance_reset_password, view["id"], "another-project")
+
+
+def test_the_taskmanager_records_where_clients_connect(taskmanager):
+    instance_id = create(taskmanager)["id"]
+    assert call(manager.instance_show, instance_id)["connection"] is None
+    connection = {"host": "10.0.0.2", "port": 5432, "user": "admin", "database": "postgres"}
+    call(manager.instance_update, instance_id, {"connection": connection})
+    assert call(manager.instance_show, instance_id)["connection"] == connection
+    call(manager.instance_update, instance_id, {"connection": {"path": "/var/x/db.sqlite3"}})
+    assert call(manager.instance_show, instance_id)["connection"] == {"path": "/var/x/db.sqlite3"}
+    for bad in ({}, {"password": "x"}, {"port": "5432"}, {"path": 3}, "host=x", ["path"]):
+        with pytest.raises(InvalidRequest, match="connection must be"):
+            call(manager.instance_update, instance_id, {"connection": bad})
+
+
+def test_instance_guests_lists_every_live_instance_in_pages(taskmanager):
+    ids = [create(taskmanager)["id"] for _ in range(3)]
+    call(manager.instance_update, ids[1], {"fault_kind": "heartbeat_expired", "fault_message": "silent"})
+    call(manager.instance_delete, ids[2])
+    deleted = create(taskmanager)["id"]
+    call(manager.instance_delete, deleted)
+    call(manager.instance_deleted, deleted)
+    first = call(manager.instance_guests, limit=2)
+    assert first == [
+        {"id": ids[0], "datastore": "sqlite", "generation": 1, "task_status": "BUILDING", "fault_kind": None},
+        {"id": ids[1], "datastore": "sqlite", "generation": 1, "task_status": "BUILDING",
+         "fault_kind": "heartbeat_expired"}]
+    assert [i["id"] for i in call(manager.instance_guests, limit=2, marker=ids[1])] == [ids[2]]
+    assert call(manager.instance_guests)[2]["task_status"] == "DELETING"
 
 
 def test_reset_status_answers_the_record_and_what_it_cleared(taskmanager):
@@ -439,6 +505,6 @@ def test_reads_and_reports_hand_nothing_over(taskmanager, ids):
 def test_sweep_answers_what_it_did(taskmanager):
     create(taskmanager)
     result = call(manager.sweep, usage_timeout=0, agent_heartbeat_expiry=30, backup_timeout=60)
-    assert result == {"build_timeouts": 1, "heartbeat_expiries": 0, "backup_timeouts": 0,
-                      "watermarks_removed": 0}
+    assert result == {"build_timeouts": 1, "heartbeat_expiries": 0, "restart_timeouts": 0,
+                      "backup_timeouts": 0, "watermarks_removed": 0}
     assert call(manager.instance_list)[0]["status"] == "ERROR"

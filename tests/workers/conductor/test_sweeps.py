@@ -38,6 +38,32 @@ def beat(instance_id: str, status: str = "running") -> None:
         s, [Heartbeat(instance_id, time.time(), status, None)], utcnow()))
 
 
+def test_a_restart_without_reports_turns_error_and_one_with_reports_does_not(control_plane):
+    silent, restarting = new_instance(), new_instance()
+    for instance_id in (silent, restarting):
+        beat(instance_id)
+        db.run_transaction(lambda s, i=instance_id: instances.request_restart(s, i))
+    assert view(silent)["status"] == "REBOOT"
+    assert run_sweep()["restart_timeouts"] == 0
+    # A report of the restart under way writes the row: the restart is not silent.
+    before = view(restarting)["updated"]
+    time.sleep(0.01)
+    beat(restarting, "restarting")
+    assert view(restarting)["updated"] > before
+    later = utcnow() + timedelta(seconds=31)
+    with db.session_scope() as session:  # ... and it went on reporting since
+        session.get(Instance, restarting).updated = later - timedelta(seconds=5)
+    assert run_sweep(later)["restart_timeouts"] == 1
+    assert (view(silent)["status"], view(silent)["fault"]["kind"]) == ("ERROR", sweeps.RESTART_TIMEOUT)
+    assert "within 30s of the restart" in view(silent)["fault"]["message"]
+    assert view(restarting)["status"] == "REBOOT"
+    assert run_sweep(later)["restart_timeouts"] == 0
+    # Its guest comes back after all: a restart clears the fault, a report ends the restart.
+    db.run_transaction(lambda s: instances.request_restart(s, silent))
+    beat(silent)
+    assert view(silent)["status"] == "ACTIVE"
+
+
 def test_build_timeout_turns_error_once(control_plane):
     stuck, young = new_instance(age_seconds=61), new_instance(age_seconds=10)
     assert run_sweep()["build_timeouts"] == 1
