@@ -4,6 +4,7 @@ import dbaas.broker  # noqa: F401  registers the embedded broker's URL scheme
 from dbaas import rpc, settings
 from dbaas.queues import queue, routes
 from workers.conductor.api import SWEEP
+from workers.taskmanager.api import RECONCILE
 
 _settings = settings.get()
 
@@ -42,11 +43,16 @@ task_default_queue = _settings.conductor_control_queue
 task_routes = routes(_settings.conductor_queue, _settings.conductor_control_queue,
                      _settings.taskmanager_queue)
 
-# Exactly one `celery -A dbaas beat`; the sweep is idempotent, so a second one is harmless.
-# Its message is signed here, once: beat sends nothing else.
+# Exactly one `celery -A dbaas beat`; the sweep and the reconcile are idempotent, so a
+# second one is harmless. Their messages are signed here, once: beat sends nothing else.
+# A reconcile not taken before the next one is due is dropped (a taskmanager that was
+# away would otherwise run every missed one when it is back).
 beat_schedule = {
     "timeout-sweep": {"task": SWEEP, "schedule": _settings.sweep_interval,
                       "options": {"headers": rpc.service_headers(SWEEP, [], {}),
                                   "ignore_result": True}},
+    "guest-reconcile": {"task": RECONCILE, "schedule": _settings.reconcile_interval,
+                        "options": {"headers": rpc.service_headers(RECONCILE, [], {}),
+                                    "ignore_result": True, "expires": _settings.reconcile_interval}},
 }
 beat_schedule_filename = f"{_settings.var_dir}/celerybeat-schedule"

@@ -38,7 +38,9 @@ class Client:
         result = self._send(task_name, list(args), kwargs, ignore_result=False,
                             expires=self.timeout)
         try:
-            reply = result.get(timeout=self.timeout, propagate=False)
+            # Allowed inside a task (the taskmanager's reconcile asks the conductor): the
+            # answer comes from another worker, so waiting for it cannot deadlock this one.
+            reply = result.get(timeout=self.timeout, propagate=False, disable_sync_subtasks=False)
         except CeleryTimeout:
             raise errors.Unavailable(
                 f"no conductor answered within {self.timeout:g} s: is one running?") from None

@@ -87,9 +87,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("guest_heartbeat_interval", "DBAAS_GUEST_HEARTBEAT_INTERVAL", float, "10",
            "how often guests beat (written into each guest's config)", used_by="taskmanager"),
     Option("agent_heartbeat_expiry", "DBAAS_AGENT_HEARTBEAT_EXPIRY", float, "45",
-           "an ACTIVE instance silent this long turns ERROR", used_by="conductor"),
+           "an ACTIVE instance silent this long turns ERROR, as does a restarting one "
+           "whose guest reports nothing this long after the restart", used_by="conductor"),
     Option("sweep_interval", "DBAAS_SWEEP_INTERVAL", float, "10",
            "how often beat runs the timeout sweeps", used_by="beat"),
+    Option("reconcile_interval", "DBAAS_RECONCILE_INTERVAL", float, "60",
+           "how often beat has the taskmanager start a guest for every instance that should "
+           "run and has none (it also does so as it starts)", used_by="beat"),
     Option("usage_timeout", "DBAAS_USAGE_TIMEOUT", float, "1800",
            "an instance still BUILD this long after creation turns ERROR", used_by="conductor"),
     Option("backup_timeout", "DBAAS_BACKUP_TIMEOUT", float, "3600",

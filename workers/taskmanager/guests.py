@@ -49,6 +49,13 @@ def declare_queues(instance_id: str) -> None:
             declared(channel).declare()
 
 
+def commands_waiting(instance_id: str) -> int:
+    """Commands in the guest's queue that no guest has taken yet."""
+    with Connection(settings.get().broker_url) as connection:
+        declared = command_queue(instance_id, queue_type=settings.get().queue_type)(connection.default_channel)
+        return declared.queue_declare(passive=True).message_count
+
+
 def delete_queues(instance_id: str) -> None:
     with Connection(settings.get().broker_url) as connection:
         command_queue(instance_id, queue_type=settings.get().queue_type)(connection.default_channel).delete()

@@ -1,6 +1,8 @@
 """Every task the taskmanager serves, by its public name (``api.py`` holds the names).
 Bodies only hand over to the manager."""
 
+from celery import signals
+
 from dbaas.celery import app
 from workers.conductor.api import ConductorAPI
 from workers.taskmanager import api
@@ -23,14 +25,32 @@ def create_instance(instance_id: str, datastore: str, restore_location: str | No
     manager().create_instance(instance_id, datastore, restore_location, generation)
 
 
+# ``generation`` may be missing from a message sent before it was added.
 @app.task(name=api.DELETE_INSTANCE, base=TaskmanagerTask)
-def delete_instance(instance_id: str):
-    manager().delete_instance(instance_id)
+def delete_instance(instance_id: str, generation: int | None = None):
+    manager().delete_instance(instance_id, generation)
 
 
 @app.task(name=api.RESTART_INSTANCE, base=TaskmanagerTask)
-def restart_instance(instance_id: str, generation: int):
-    manager().restart_instance(instance_id, generation)
+def restart_instance(instance_id: str, generation: int, datastore: str):
+    manager().restart_instance(instance_id, generation, datastore)
+
+
+@app.task(name=api.RESET_PASSWORD, base=TaskmanagerTask)
+def reset_password(instance_id: str, generation: int, password_generation: int):
+    manager().reset_password(instance_id, generation, password_generation)
+
+
+@app.task(name=api.RECONCILE, base=TaskmanagerTask)
+def reconcile():
+    manager().reconcile()
+
+
+@signals.worker_ready.connect
+def reconcile_on_start(**_):
+    """Guests that died while no taskmanager ran come back now, not at beat's next tick;
+    done by a pool process like any task, so the guests it starts are reaped there."""
+    api.TaskmanagerAPI(app).reconcile()
 
 
 @app.task(name=api.CREATE_BACKUP, base=TaskmanagerTask)

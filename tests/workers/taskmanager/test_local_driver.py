@@ -3,6 +3,7 @@ these run without a broker and whatever the guest agent does."""
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import wait_until
+from tests.support.services import ROOT, wait_until
 from tests.support.stack import SLEEP, configure, processes_of
 from workers.guestagent.api import GuestConfig
 from workers.taskmanager.compute import SpawnError, get_driver
@@ -174,6 +175,53 @@ def test_a_reused_pid_is_not_the_guest(instance):
     finally:
         stranger.kill()
         stranger.wait(timeout=10)
+
+
+def zombies_of(parent: int) -> list[int]:
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            found.append(int(name))
+    return found
+
+
+def test_a_guest_that_exits_is_reaped(instance):
+    """The guest is a child of the process that spawned it (a taskmanager worker): once it
+    ends it must not stay behind as a zombie."""
+    driver = LocalDriver(placeholder(), startup_grace=0.2)
+    spawn(driver, instance)
+    [pid] = processes_of(instance)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10, message="the guest reaped")
+    assert zombies_of(os.getpid()) == []
+    assert not driver.is_running(instance)
+
+
+def test_an_agent_started_by_hand_is_found_through_its_data(instance, tmp_path):
+    """An agent records itself in the instance's data (workers/guestagent/pidlock.py): one
+    started by hand — another session, another working directory, no pid file of the
+    driver's — counts as the instance's guest, and destroy stops it."""
+    data_dir = os.path.join(instance_dir(instance), "data")
+    by_hand = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom workers.guestagent import pidlock\n"
+                               "pidlock.hold(sys.argv[1])\ntime.sleep(600)", data_dir],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        driver = LocalDriver(placeholder(), startup_grace=0.2, stop_timeout=2)
+        wait_until(lambda: driver.is_running(instance), timeout=10, message="the agent recorded")
+        assert driver.holds(instance) is False  # no config: nothing to start again
+        spawn(driver, instance)
+        assert processes_of(instance) == [by_hand.pid]
+        driver.destroy(instance)
+        assert by_hand.wait(timeout=10) == -signal.SIGTERM
+        assert not Path(instance_dir(instance)).exists()
+    finally:
+        by_hand.kill()
+        by_hand.wait()
 
 
 def test_endpoint_is_chosen_once_and_never_shared(instance):

@@ -3,8 +3,11 @@ in-memory broker for guest commands, and the conductor's client faked at its edg
 real ``ConductorAPI`` methods, recording what they would cast)."""
 
 import json
+import os
+import signal
 import stat
 import sys
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +17,7 @@ from kombu import Connection
 
 from dbaas import signing
 from dbaas.storage import LocalStorage
+from tests.support.services import wait_until
 from tests.support.stack import SLEEP, configure, processes_of
 from workers.conductor import api as conductor_api
 from workers.conductor.api import ConductorAPI
@@ -21,23 +25,41 @@ from workers.guestagent.api import command_queue
 from workers.guestagent.commands import verify_command
 from workers.taskmanager import guests
 from workers.taskmanager.compute.local import LocalDriver, config_path, instance_dir
-from workers.taskmanager.manager import PROVISIONING_FAILED, Manager
+from workers.taskmanager import manager as manager_module
+from workers.taskmanager.manager import (GUEST_LOST, PROVISIONING_FAILED, RESPAWN_FAILED, STOP_GRACE,
+                                         Manager)
 
 SERVICE_KEY = "k" * 32
 
 
 class RecordingConductor(ConductorAPI):
     """The conductor's client with its broker cut off: each cast is recorded as
-    (task name, args, kwargs); the taskmanager has no business calling (waiting on) it."""
+    (task name, args, kwargs); the one call the taskmanager makes, for the live instances
+    (reconcile), is answered from ``live`` in pages."""
 
     def __init__(self):
         self.sent = []
+        self.live: list[dict] = []
+        self.pages = 0
 
     def cast(self, task_name, *args, **kwargs):
         self.sent.append((task_name, args, kwargs))
 
     def call(self, task_name, *args, **kwargs):
-        raise AssertionError(f"the taskmanager called {task_name}")
+        assert task_name == conductor_api.INSTANCE_GUESTS, f"the taskmanager called {task_name}"
+        self.pages += 1
+        ids = [i["id"] for i in self.live]
+        start = ids.index(kwargs["marker"]) + 1 if kwargs["marker"] else 0
+        return self.live[start:start + kwargs["limit"]]
+
+    def faults(self) -> dict[str, tuple[str, str]]:
+        """instance id -> (fault kind, message) of each fault cast."""
+        return {args[0]: (fields["fault_kind"], fields["fault_message"])
+                for task, args, fields in self.sent if "fault_kind" in fields}
+
+    def without_endpoints(self) -> list:
+        """What was cast, but the records of where clients connect (made at every start)."""
+        return [cast for cast in self.sent if "connection" not in cast[2]]
 
 
 @pytest.fixture
@@ -74,11 +96,13 @@ def test_create_delivers_a_config_with_the_derived_key(setup, tmp_path):
     manager, conductor, new_instance = setup
     instance_id = new_instance()
     manager.create_instance(instance_id, "sqlite", None, 4)
-    assert conductor.sent == []  # SQLite listens on no port: nothing to record
+    var = tmp_path / "var"
+    # SQLite listens on no port: clients open its file, where the guest keeps it.
+    assert conductor.sent == [(conductor_api.INSTANCE_UPDATE, (instance_id,), {"connection": {
+        "path": str(var / "instances" / instance_id / "data" / "db.sqlite3")}})]
     assert len(processes_of(instance_id)) == 1
     path = Path(config_path(instance_id))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    var = tmp_path / "var"
     assert json.loads(path.read_text()) == {
         "instance_id": instance_id, "generation": 4,
         "secret": signing.guest_secret(SERVICE_KEY, instance_id, 4),
@@ -95,10 +119,11 @@ def test_create_records_the_endpoint_then_prepares(setup):
     manager.create_instance(instance_id, "postgresql", "file:///backups/b", 2)
     [(task, args, fields)] = conductor.sent
     assert (task, args, fields["host"]) == (conductor_api.INSTANCE_UPDATE, (instance_id,), "127.0.0.1")
-    assert set(fields) == {"host", "port"}
+    assert fields["connection"] == {"host": "127.0.0.1", "port": fields["port"], "user": "admin",
+                                    "database": "postgres"}
     assert len(processes_of(instance_id)) == 1
     assert json.loads(Path(config_path(instance_id)).read_text())["datastore"] == "postgresql"
-    prepare = ("prepare", {"port": fields["port"], "restore_location": "file:///backups/b"})
+    prepare = ("prepare", {"port": fields["port"], "host": "127.0.0.1", "restore_location": "file:///backups/b"})
     assert commands_for(instance_id, 2) == [prepare]
 
     # Redelivered: the same endpoint, no second guest, prepare again (the guest ignores it).
@@ -113,7 +138,7 @@ def test_a_failed_spawn_is_recorded_as_a_fault(setup):
     manager.driver = LocalDriver([sys.executable, "-c", "import sys; print('no luck'); sys.exit(3)"])
     instance_id = new_instance()
     manager.create_instance(instance_id, "sqlite", None, 1)
-    [(task, args, fields)] = conductor.sent
+    [(task, args, fields)] = conductor.without_endpoints()
     assert (task, args, fields["fault_kind"]) == (conductor_api.INSTANCE_UPDATE, (instance_id,), PROVISIONING_FAILED)
     assert fields["fault_message"] == "the guest agent exited at once with status 3: no luck"
     assert datetime.fromisoformat(fields["fault_at"]).tzinfo is not None
@@ -139,20 +164,99 @@ def test_a_backup_goes_to_a_running_guest_or_fails_at_once(setup):
     commands_for(running, 3)
     manager.create_backup("b1", idle, 1)
     manager.create_backup("b2", running, 3)
-    assert conductor.sent == [(conductor_api.BACKUP_FAIL, ("b1", f"no guest agent runs for instance {idle}"), {})]
+    assert conductor.without_endpoints() == [
+        (conductor_api.BACKUP_FAIL, ("b1", f"no guest agent runs for instance {idle}"), {})]
     assert commands_for(running, 3) == [("backup", {"backup_id": "b2"})]
 
 
-def test_restart_is_sent_signed_with_the_generation_even_to_a_stopped_guest(setup):
+def kill_guest(instance_id: str) -> None:
+    [pid] = processes_of(instance_id)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not processes_of(instance_id), timeout=10, message="the guest dead")
+
+
+def test_restart_reaches_a_running_guest_and_starts_a_dead_one_again(setup):
     manager, conductor, new_instance = setup
-    running, stopped = new_instance(), new_instance()
-    manager.create_instance(running, "sqlite", None, 2)
-    commands_for(running, 2)
-    manager.restart_instance(running, 2)
-    manager.restart_instance(stopped, 5)  # it waits in the queue for a guest
+    running, dead, never_built = new_instance(), new_instance(), new_instance()
+    for instance_id in (running, dead):
+        manager.create_instance(instance_id, "postgresql", None, 2)
+        commands_for(instance_id, 2)
+    endpoint = json.loads(Path(instance_dir(dead), "endpoint").read_text())
+    kill_guest(dead)
+    conductor.sent.clear()
+
+    manager.restart_instance(running, 2, "postgresql")
+    manager.restart_instance(dead, 2, "postgresql")
+    manager.restart_instance(never_built, 5, "sqlite")
     assert commands_for(running, 2) == [("restart", {})]
-    assert commands_for(stopped, 5) == [("restart", {})]
-    assert conductor.sent == []
+    # A new guest on the data it left, with its config derived anew; it starts the
+    # datastore itself: nothing to command. Where clients connect is recorded again.
+    assert len(processes_of(dead)) == 1 and commands_for(dead, 2) == []
+    assert json.loads(Path(config_path(dead)).read_text())["secret"] == signing.guest_secret(SERVICE_KEY, dead, 2)
+    assert [(args, fields["port"]) for _, args, fields in conductor.sent if "port" in fields] == [
+        ((dead,), endpoint)]
+    assert conductor.faults() == {never_built: (GUEST_LOST, "no guest agent runs for the instance and "
+                                                "this host holds none of its data to start one on")}
+    assert processes_of(never_built) == [] and not Path(instance_dir(never_built)).exists()
+
+
+def test_a_guest_that_cannot_start_again_is_a_fault(setup):
+    manager, conductor, new_instance = setup
+    instance_id = new_instance()
+    manager.create_instance(instance_id, "sqlite", None, 1)
+    kill_guest(instance_id)
+    manager.driver.command = [sys.executable, "-c", "import sys; print('broken now'); sys.exit(4)"]
+    manager.restart_instance(instance_id, 1, "sqlite")
+    assert conductor.faults() == {instance_id: (
+        RESPAWN_FAILED, "the guest agent could not be started again: the guest agent exited at once "
+                        "with status 4: broken now")}
+
+
+def test_reconcile_starts_a_guest_where_one_should_run_and_none_does(setup, monkeypatch, caplog):
+    manager, conductor, new_instance = setup
+    monkeypatch.setattr(manager_module, "RECONCILE_PAGE", 2)  # several pages
+    ids = {name: new_instance() for name in (
+        "alive", "dead", "expired", "lost", "building", "deleting", "broken", "orphan")}
+    for name in ("alive", "dead", "expired", "deleting", "broken", "orphan"):
+        manager.create_instance(ids[name], "sqlite", None, 3)
+    for name in ("dead", "expired", "deleting", "broken", "orphan"):
+        kill_guest(ids[name])
+    started = {name: Path(instance_dir(ids[name]), "guest.pid").read_text()
+               for name in ("alive", "dead", "expired")}
+    conductor.live = [{"id": ids[name], "datastore": "sqlite", "generation": 3,
+                       "task_status": task, "fault_kind": fault} for name, task, fault in (
+        ("alive", "NONE", None), ("dead", "NONE", None), ("expired", "NONE", "heartbeat_expired"),
+        ("lost", "NONE", None), ("building", "BUILDING", None), ("deleting", "DELETING", None),
+        ("broken", "NONE", "provisioning_failed"))]
+    conductor.sent.clear()
+
+    manager.reconcile()
+    assert conductor.pages == 4
+    assert Path(instance_dir(ids["alive"]), "guest.pid").read_text() == started["alive"]
+    for name in ("dead", "expired"):  # started again
+        assert len(processes_of(ids[name])) == 1
+        assert Path(instance_dir(ids[name]), "guest.pid").read_text() != started[name]
+    # Lost: nothing held here. A build whose create has not run yet, a delete under way
+    # and a fault a new guest would not mend are left alone.
+    assert conductor.faults() == {ids["lost"]: (GUEST_LOST, "no guest agent runs for the instance and "
+                                                "this host holds none of its data to start one on")}
+    for name in ("building", "deleting", "broken", "orphan"):
+        assert processes_of(ids[name]) == []
+    assert ids["orphan"] in caplog.text and "not live" in caplog.text
+
+    # Again: nothing more to do (the conductor here still reports the lost one unfaulted).
+    pids = {name: processes_of(ids[name]) for name in ("alive", "dead", "expired")}
+    conductor.sent.clear()
+    manager.reconcile()
+    assert {name: processes_of(ids[name]) for name in pids} == pids
+    assert [args for _, args, _ in conductor.sent] == [(ids["lost"],)]
+
+
+def test_reset_password_is_sent_to_the_guest(setup):
+    manager, conductor, new_instance = setup
+    instance_id = new_instance()
+    manager.reset_password(instance_id, 2, 7)
+    assert commands_for(instance_id, 2) == [("reset_password", {"generation": 7})]
 
 
 def test_delete_backup_removes_only_what_the_storage_holds(setup, tmp_path):
@@ -177,5 +281,19 @@ def test_delete_instance_destroys_then_reports_it_deleted(setup):
     assert not Path(instance_dir(instance_id)).exists()
     manager.delete_instance(instance_id)  # redelivered
     manager.delete_instance(never_built)  # its create never ran
-    assert conductor.sent == [(conductor_api.INSTANCE_DELETED, (i,), {})
-                              for i in (instance_id, instance_id, never_built)]
+    assert conductor.without_endpoints() == [(conductor_api.INSTANCE_DELETED, (i,), {})
+                                             for i in (instance_id, instance_id, never_built)]
+
+
+def test_delete_without_broker_users_sends_a_stop_to_any_other_guest(setup):
+    """Placeholder guests consume nothing here: the stop waits its grace, then goes with
+    the queue (tests/workers/taskmanager/test_self_healing.py has a guest take it)."""
+    manager, conductor, new_instance = setup
+    instance_id = new_instance()
+    manager.create_instance(instance_id, "sqlite", None, 6)
+    commands_for(instance_id, 6)
+    started = time.monotonic()
+    manager.delete_instance(instance_id, 6)
+    assert STOP_GRACE <= time.monotonic() - started < STOP_GRACE + 10
+    assert commands_for(instance_id, 6) == []  # the queue went with the stop in it
+    assert conductor.without_endpoints() == [(conductor_api.INSTANCE_DELETED, (instance_id,), {})]

@@ -23,7 +23,21 @@ class ComputeDriver(ABC):
 
     @abstractmethod
     def is_running(self, instance_id: str) -> bool:
-        """Whether the instance's guest agent is alive."""
+        """Whether the instance's guest agent is alive, however it was started."""
+
+    @abstractmethod
+    def holds(self, instance_id: str) -> bool:
+        """Whether the driver holds the instance's guest — its data and config — so that a
+        guest that died can be started again."""
+
+    @abstractmethod
+    def held(self) -> set[str]:
+        """Every instance the driver holds."""
+
+    def data_dir(self, instance_id: str) -> str | None:
+        """Where the instance's guest keeps its data as clients of this host reach it (for
+        a datastore that is a file); None when they cannot."""
+        return None
 
     @abstractmethod
     def destroy(self, instance_id: str) -> None:

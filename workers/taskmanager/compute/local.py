@@ -2,7 +2,10 @@
 
 ``var/instances/<id>/`` holds everything of one instance: ``guest.json`` (the config the
 taskmanager hands over), the guest's data directory ``data/``, ``guest.log``,
-``guest.pid`` and ``endpoint``; destroy removes it whole.
+``guest.pid`` and ``endpoint``; destroy removes it whole. The agent records itself in its
+data (``data/agent.pid``, with its start time, under a per-instance lock: see
+workers/guestagent/pidlock.py), so the driver finds it however it was started — by hand,
+or by an earlier taskmanager — and never starts a second one.
 
 The guest runs detached — a session of its own, stdin from /dev/null, output to guest.log —
 so it outlives the taskmanager worker that started it: restarting the taskmanager must not
@@ -10,6 +13,9 @@ take databases down. It gets none of the control plane's environment (the servic
 be in it). Same host and same user, though: this driver isolates nothing; containers or
 VMs would. A redelivered request is recognised through ``var/instances``, so every
 taskmanager using this driver must run on the one host that holds it.
+
+The guest is a child of the worker process that started it until it exits: a thread per
+guest waits for it, so a guest that ends (stopped, killed, crashed) does not stay a zombie.
 """
 
 import dataclasses
@@ -23,6 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -31,13 +38,14 @@ from typing import Callable, NamedTuple
 from dbaas import settings
 from dbaas.files import write_atomically
 from dbaas.settings import PROJECT_ROOT
-from workers.guestagent.api import GuestConfig, write_config
+from workers.guestagent.api import GuestConfig, running_agent, write_config
 from workers.taskmanager.compute.base import ComputeDriver, InstanceDeleted, SpawnError
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 PID_FILE, LOG_FILE, ENDPOINT_FILE, CONFIG_FILE = "guest.pid", "guest.log", "endpoint", "guest.json"
+DATA_DIR = "data"
 # The only variables a guest inherits: the control plane's own may hold secrets.
 GUEST_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 KILL_WAIT = 10.0
@@ -93,7 +101,7 @@ class LocalDriver(ComputeDriver):
                 log.info("guest of %s already runs; not starting another", instance_id)
                 return
             path = os.path.join(directory, CONFIG_FILE)
-            write_config(path, dataclasses.replace(config, data_dir=os.path.join(directory, "data")))
+            write_config(path, dataclasses.replace(config, data_dir=os.path.join(directory, DATA_DIR)))
             log_path = os.path.join(directory, LOG_FILE)
             with open(log_path, "ab") as output:
                 try:
@@ -109,6 +117,7 @@ class LocalDriver(ComputeDriver):
                 status = process.wait(timeout=self.startup_grace)
             except subprocess.TimeoutExpired:
                 log.info("started guest of %s as pid %d", instance_id, process.pid)
+                threading.Thread(target=process.wait, name=f"reap-guest-{process.pid}", daemon=True).start()
                 return
             raise SpawnError(f"the guest agent exited at once with status {status}: {_tail(log_path)}")
 
@@ -117,6 +126,16 @@ class LocalDriver(ComputeDriver):
 
     def is_running(self, instance_id: str) -> bool:
         return self._running(instance_dir(instance_id))
+
+    def holds(self, instance_id: str) -> bool:
+        return os.path.exists(config_path(instance_id)) and not self.is_deleted(instance_id)
+
+    def held(self) -> set[str]:
+        return {os.path.basename(os.path.dirname(path)) for path in
+                glob.glob(os.path.join(instances_root(), "*", CONFIG_FILE))} - self._deleted()
+
+    def data_dir(self, instance_id: str) -> str:
+        return os.path.join(instance_dir(instance_id), DATA_DIR)
 
     def destroy(self, instance_id: str) -> None:
         """Also leaves a tombstone, first of all: a create of the instance that is under way
@@ -128,6 +147,7 @@ class LocalDriver(ComputeDriver):
         os.close(os.open(_tombstone(directory), os.O_WRONLY | os.O_CREAT, 0o600))
         try:
             with _locked(directory, deleting=True):
+                self._stop_agent(directory)
                 self._stop_guest(directory)
                 self._stop_leftovers(directory)
                 shutil.rmtree(directory)
@@ -148,12 +168,33 @@ class LocalDriver(ComputeDriver):
             with open(path) as recorded:
                 return HOST, int(recorded.read())
 
+    def _deleted(self) -> set[str]:
+        root = tombstones_root()
+        return set(os.listdir(root)) if os.path.isdir(root) else set()
+
     def _running(self, directory: str) -> bool:
+        """The agent recorded in the data, or the process this driver started (an agent
+        still starting has not recorded itself yet)."""
+        if running_agent(os.path.join(directory, DATA_DIR)) is not None:
+            return True
         leader = _leader(directory)
         if leader is None:
             return False
         stat = _stat(leader[0])
         return stat is not None and stat.started == leader[1] and stat.state not in "ZX"
+
+    def _stop_agent(self, directory: str) -> None:
+        """The agent recorded in the instance's data, wherever it runs from: one started
+        by hand is in nobody's process group of ours."""
+        pid = running_agent(os.path.join(directory, DATA_DIR))
+        stat = _stat(pid) if pid else None
+        if stat is None:
+            return
+
+        def find() -> list[int]:
+            now = _stat(pid)
+            return [pid] if now and now.started == stat.started and now.state not in "ZX" else []
+        _stop(find, lambda sig: _kill(pid, sig), self.stop_timeout)
 
     def _stop_guest(self, directory: str) -> None:
         leader = _leader(directory)
