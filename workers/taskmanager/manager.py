@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 from kombu.exceptions import KombuError
 
+from dbaas import errors
 from dbaas.status import HEARTBEAT_EXPIRED
 from dbaas.storage import LocalStorage, StorageError
 from workers.conductor.api import ConductorAPI
@@ -154,8 +155,13 @@ class Manager:
         whose guest is gone gets a new one, unless it is being deleted, its create may not
         have run yet, or it is faulted for a reason a new guest would not mend (that is
         the operator's: restart tries again)."""
+        try:
+            live = list(self._live_instances())
+        except errors.Unavailable as exc:  # a taskmanager may start before any conductor
+            log.warning("reconcile skipped: %s", exc)
+            return
         listed = set()
-        for instance in self._live_instances():
+        for instance in live:
             listed.add(instance_id := instance["id"])
             if instance["task_status"] == "DELETING" or \
                     instance["fault_kind"] not in (None, HEARTBEAT_EXPIRED) or \
@@ -166,8 +172,8 @@ class Manager:
             log.warning("no guest runs for instance %s: starting one", instance_id)
             self.respawn(instance_id, instance["generation"], instance["datastore"])
         if orphans := self.driver.held() - listed:
-            log.warning("guests of instances that are not live are held here (delete them by "
-                        "hand if their deletes failed): %s", ", ".join(sorted(orphans)))
+            log.warning("this host holds guests of instances that are not live (deletes that "
+                        "did not finish, or another control plane's): %s", ", ".join(sorted(orphans)))
 
     def _live_instances(self):
         marker = None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from dbaas import signing
+from dbaas import errors, signing
 from dbaas.storage import LocalStorage
 from tests.support.services import wait_until
 from tests.support.stack import SLEEP, configure, processes_of
@@ -250,6 +250,16 @@ def test_reconcile_starts_a_guest_where_one_should_run_and_none_does(setup, monk
     manager.reconcile()
     assert {name: processes_of(ids[name]) for name in pids} == pids
     assert [args for _, args, _ in conductor.sent] == [(ids["lost"],)]
+
+
+def test_reconcile_without_a_conductor_is_left_to_the_next_one(setup, monkeypatch, caplog):
+    manager, conductor, new_instance = setup
+
+    def unanswered(*args, **kwargs):
+        raise errors.Unavailable("no conductor answered within 10 s: is one running?")
+    monkeypatch.setattr(conductor, "call", unanswered)
+    manager.reconcile()
+    assert "reconcile skipped: no conductor answered" in caplog.text
 
 
 def test_reset_password_is_sent_to_the_guest(setup):
