@@ -121,8 +121,14 @@ OPTIONS: tuple[Option, ...] = (
            "the port of the conductor's metrics; a second conductor on the same host finds "
            "it taken and goes on without one (give each its own port)", used_by="conductor"),
     Option("compute_driver", "DBAAS_COMPUTE_DRIVER", str, "local",
-           "how the taskmanager runs guests: `local`, one OS process per instance",
+           "how the taskmanager runs guests: `local`, one OS process per instance; `netns`, "
+           "the same in a Linux network namespace of its own per instance that reaches only "
+           "the broker (root, iproute2 and nftables; see \"Guests in network namespaces\")",
            used_by="taskmanager"),
+    Option("netns_subnet", "DBAAS_NETNS_SUBNET", str, "10.253.0.0/16",
+           "the private IPv4 range the `netns` driver owns: each instance takes a /30 of it "
+           "(`.1` on the host's end of its veth pair, `.2` the guest's); a /30 overlapping "
+           "any address or route of the host is skipped", used_by="taskmanager"),
     Option("guest_command", "DBAAS_GUEST_COMMAND", str,
            lambda s: f"{sys.executable} -m workers.guestagent run",
            "the guest agent the local driver starts (`--config FILE` is appended)",

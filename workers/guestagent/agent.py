@@ -45,7 +45,7 @@ from kombu.mixins import ConsumerMixin
 from dbaas import intake, signing
 from dbaas.storage import BACKUP_NAME, LocalStorage
 from workers.guestagent import pidlock
-from workers.guestagent.client import ConductorClient
+from workers.guestagent.client import ConductorClient, broker_heartbeat
 from workers.guestagent.commands import (COMMAND_MAX_BYTES, CommandRefused, command_queue,
                                          verify_command)
 from workers.guestagent.config import GuestConfig
@@ -82,19 +82,27 @@ class Reporter:
     removed only once the broker confirmed it: reports that could not be delivered — the
     broker away, the link cut — are sent, in order, when it can be reached again, also
     after the agent restarts.
+
+    The thread reporting on a backup never waits for another thread's send, nor tries
+    again while earlier reports still wait (the broker did not take those): with the
+    broker unreachable a send takes seconds, and the backup goes on meanwhile. Its report
+    waits in the outbox, and the next heartbeat that gets through delivers it.
     """
 
     def __init__(self, client: ConductorClient, outbox: Path):
         self.client = client
         self.outbox = outbox
         self.outbox.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while sending: one send at a time
+        self._stamp_lock = threading.RLock()  # held while stamping ``sent`` and writing the outbox
+        self._pending = threading.Event()  # reports written while another thread was sending
         # Never below a report still waiting: it must stay older than what follows it.
         self._last_sent = max((float(p.name.split("-", 1)[0]) for p in self._waiting()), default=0.0)
 
     def _sent(self) -> float:
-        self._last_sent = max(time.time(), self._last_sent + 1e-6)
-        return self._last_sent
+        with self._stamp_lock:
+            self._last_sent = max(time.time(), self._last_sent + 1e-6)
+            return self._last_sent
 
     def _waiting(self) -> list[Path]:
         return sorted(self.outbox.glob("*.json"))
@@ -107,13 +115,27 @@ class Reporter:
                 log.exception("heartbeat not sent")
                 return
             self._deliver_waiting()
+        self._deliver_pending()
 
     def update_backup(self, backup_id: str, **fields) -> None:
-        with self._lock:
+        with self._stamp_lock:
+            earlier = bool(self._waiting())
             sent = self._sent()
             write_json(self.outbox / f"{sent:020.6f}-{backup_id}.json",
                        {"backup_id": backup_id, "sent": sent, "fields": fields})
-            self._deliver_waiting()
+        self._pending.set()
+        if not earlier:
+            self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
+        """Deliver the outbox now unless another thread is sending: that one does it when
+        its send is done (it finds ``_pending`` set), so no report waits for a heartbeat."""
+        while self._pending.is_set() and self._lock.acquire(blocking=False):
+            try:
+                self._pending.clear()
+                self._deliver_waiting()
+            finally:
+                self._lock.release()
 
     def _deliver_waiting(self) -> None:
         for path in self._waiting():
@@ -141,7 +163,8 @@ class CredentialsRefused(Exception):
 class Agent(ConsumerMixin):
     def __init__(self, config: GuestConfig):
         self.config = config
-        self.connection = Connection(config.broker_url)
+        # Heartbeats: the consumer loop sends them while it waits for commands.
+        self.connection = Connection(config.broker_url, heartbeat=broker_heartbeat(config))
         self.datastore = datastore_for(config.datastore, config.data_dir)
         self.storage = LocalStorage(config.backup_root)
         self.reporter = Reporter(ConductorClient(config), self.datastore.data_dir / "outbox")

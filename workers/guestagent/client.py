@@ -41,10 +41,19 @@ def build_message(instance_id: str, secret: str, generation: int, task_name: str
             "content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 2}
 
 
+def broker_heartbeat(config: GuestConfig) -> int:
+    """The AMQP heartbeat timeout (seconds) of a guest's broker connections. Without one,
+    RabbitMQ never notices a connection whose guest went away with the network (a link
+    cut): it keeps counting it against the guest's connection limit, and keeps the command
+    it last delivered there unacknowledged, so that the guest, back, can neither connect
+    nor get a command. Three of its own heartbeats: its reports keep the connection busy."""
+    return max(10, round(3 * config.heartbeat_interval))
+
+
 class ConductorClient:
     def __init__(self, config: GuestConfig, *, confirm: bool = True):
         self.config = config
-        self.connection = Connection(config.broker_url,
+        self.connection = Connection(config.broker_url, heartbeat=broker_heartbeat(config),
                                      transport_options={"confirm_publish": confirm})
         self.exchange = Exchange(config.conductor_queue, type="direct")
         # On RabbitMQ the message names its sender's broker user, which RabbitMQ checks

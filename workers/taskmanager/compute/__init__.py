@@ -12,6 +12,8 @@ __all__ = ["ComputeDriver", "SpawnError", "DRIVERS", "get_driver"]
 # (a container runtime's client, libvirt, ssh) are needed only where it runs.
 DRIVERS = {
     "local": "workers.taskmanager.compute.local:LocalDriver",
+    # The same processes, each in a network namespace that reaches only the broker.
+    "netns": "workers.taskmanager.compute.netns:NetnsDriver",
 }
 
 

@@ -106,7 +106,7 @@ class LocalDriver(ComputeDriver):
             with open(log_path, "ab") as output:
                 try:
                     process = subprocess.Popen(
-                        [*self.command, "--config", path], cwd=directory, env=_guest_env(),
+                        self._launch_command(instance_id, path), cwd=directory, env=_guest_env(),
                         stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                         start_new_session=True)
                 except OSError as exc:
@@ -150,6 +150,7 @@ class LocalDriver(ComputeDriver):
                 self._stop_agent(directory)
                 self._stop_guest(directory)
                 self._stop_leftovers(directory)
+                self._release(instance_id)
                 shutil.rmtree(directory)
         except InstanceGone:
             return
@@ -171,6 +172,15 @@ class LocalDriver(ComputeDriver):
     def _deleted(self) -> set[str]:
         root = tombstones_root()
         return set(os.listdir(root)) if os.path.isdir(root) else set()
+
+    def _launch_command(self, instance_id: str, config_file: str) -> list[str]:
+        """The command that starts the guest. Called under the instance's lock, just before
+        it runs: a driver that must set something up for the guest first does it here."""
+        return [*self.command, "--config", config_file]
+
+    def _release(self, instance_id: str) -> None:
+        """Whatever a driver set up for the instance besides its directory. Called under the
+        instance's lock once its processes are stopped, before the directory goes."""
 
     def _running(self, directory: str) -> bool:
         """The agent recorded in the data, or the process this driver started (an agent
