@@ -27,6 +27,7 @@ import dbaas.broker
 from dbaas import db, migrations, settings, signing, wire
 from dbaas.models import Backup, Instance, Watermark
 from dbaas.queues import queue
+from tests.support.run import BackgroundRun, manage_py, processes_of, run_env
 from tests.support.services import (AMQP_HOST, ROOT, PostgresDatabase, RabbitVhost, check_port,
                                     project_env, unavailable, wait_until)
 from tests.support.stack import (SERVICE_KEY, Running, Stack, configure, instance_row,
@@ -531,3 +532,53 @@ def test_db_upgrade_creates_the_schema_and_is_repeatable(database_url, tmp_path)
     finally:
         engine.dispose()
     assert f"{head} (head)" in manage("db", "current")
+
+
+# --- system: what scripts/run started --------------------------------------------------------
+
+def test_system_status_shows_the_run_and_system_stop_ends_it(tmp_path):
+    env = run_env(tmp_path)
+    run = BackgroundRun(env, tmp_path / "run.log")
+    try:
+        run.wait_up()
+        status = json.loads(manage_py(env, "system", "status", "--json").stdout)
+        live = processes_of(env["DBAAS_VAR_DIR"])
+        assert set(status["processes"]) == {"conductor", "taskmanager", "beat", "flower"} | (
+            {"api"} if "api" in status["processes"] else set())
+        for name, process in status["processes"].items():
+            assert process["running"] and process["pid"] in live, (name, live)
+        assert [w.split("@")[0] for w in status["workers"]["conductor"]] == ["conductor"]
+        assert [w.split("@")[0] for w in status["workers"]["taskmanager"]] == ["taskmanager"]
+        assert set(status["queues"]) == {"trove-conductor", "trove-conductor-control", "trove-taskmanager"}
+        assert all(isinstance(depth, int) for depth in status["queues"].values())
+        assert status["instances"] == {"ACTIVE": 1}  # the demo
+        assert status["errors"] == []
+
+        lines = manage_py(env, "system", "status").stdout.splitlines()
+        assert lines[0] == f"system of {env['DBAAS_VAR_DIR']}: running"
+        assert f"  conductor    running, pid {status['processes']['conductor']['pid']}" in lines
+        assert any(line.startswith("conductors answering: conductor@") for line in lines)
+        assert any(line.startswith("queues: trove-conductor ") for line in lines)
+        assert "instances: 1 ACTIVE" in lines
+
+        stopped = manage_py(env, "system", "stop")
+        assert stopped.returncode == 0 and "Traceback" not in stopped.stderr, stopped.stderr
+        assert stopped.stdout.splitlines()[0].startswith(f"stopping the system of {env['DBAAS_VAR_DIR']}")
+        run.process.wait(timeout=30)
+        assert not processes_of(env["DBAAS_VAR_DIR"])
+        after = manage_py(env, "system", "status").stdout.splitlines()
+        assert after[0] == f"system of {env['DBAAS_VAR_DIR']}: not running (scripts/run starts it)"
+        assert "conductors answering: none" in after
+        assert "instances not counted: no conductor answers" in after
+    finally:
+        run.end()
+
+
+def test_system_status_with_the_broker_unreachable_says_so_in_one_line(tmp_path):
+    env = run_env(tmp_path, DBAAS_BROKER_URL="amqp://guest:guest@127.0.0.1:1//")
+    result = manage_py(env, "system", "status")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines()[0] == f"system of {env['DBAAS_VAR_DIR']}: not running (scripts/run starts it)"
+    assert [line for line in result.stdout.splitlines() if "unreachable" in line] == [
+        line for line in result.stdout.splitlines() if line.startswith("broker unreachable: ")]
+    assert sum(line.startswith("broker unreachable: ") for line in result.stdout.splitlines()) == 1
