@@ -12,13 +12,13 @@ a project of 100 instances and 1,000 more instances whose guests beat. Each meas
 requests at ``--rate``/s on an absolute schedule (a slow answer does not thin out the load)
 over one keep-alive connection with a token, timed in the client:
 
-1. call floor: ``ConductorAPI.instance_show`` from this process, no HTTP (context: what
-   the API adds to a call);
-2. floor: show, then the 100-instance list, through the API, nothing else on the broker;
-3. flowing: the same while a publisher sends heartbeats at ``--heartbeat-rate``/s.
+1. floor: ``ConductorAPI.instance_show`` from this process without HTTP (the call alone:
+   what the API adds to it), then show and the 100-instance list through the API, nothing
+   else on the broker;
+2. flowing: the same while a publisher sends heartbeats at ``--heartbeat-rate``/s.
 
-Prints p50/p90/p99/max per measurement, and for the API's the ratio of p50 and p99 to the
-floor's p50 of the same request. Target (issue "The front door"): p99 of show under 50 ms
+Prints p50/p90/p99/max per measurement, and for the flowing ones the ratio of their p50 and
+p99 to the p50 of the same request's floor. Target (issue "The front door"): p99 of show under 50 ms
 with heartbeats flowing.
 """
 
@@ -135,6 +135,7 @@ def main() -> int:
         conductor.instance_show(shown)
         show(), list_all()  # connections warm, reply queues declared
         results: dict[str, list[float]] = {}
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
         print(f"floor: {opts.rate:g} requests/s for {opts.seconds:g} s each, nothing else on the broker",
               flush=True)
         results["call floor"] = timed(lambda: conductor.instance_show(shown), opts.rate, opts.seconds)
@@ -149,15 +150,18 @@ def main() -> int:
         began = time.monotonic()
         beats.start()
         time.sleep(2)  # the stream settles
+        results["call flowing"] = timed(lambda: conductor.instance_show(shown), opts.rate, opts.seconds)
         results["show flowing"] = timed(show, opts.rate, opts.seconds)
         results["list flowing"] = timed(list_all, opts.rate, opts.seconds)
         stop.set()
         beats.join()
         elapsed = time.monotonic() - began
-        print(f"  heartbeats sent: {sent[0]} ({sent[0] / elapsed:.0f}/s achieved); "
-              f"queue after: {publisher.depth()}", flush=True)
+        print(f"  heartbeats sent: {sent[0]} in {elapsed:.0f} s ({sent[0] / elapsed:.0f}/s achieved); "
+              f"queue after: {publisher.depth()}; load average after: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
-        floors = {kind: percentile([t * 1000 for t in results[f"{kind} floor"]], 50) for kind in ("show", "list")}
+        floors = {kind: percentile([t * 1000 for t in results[f"{kind} floor"]], 50)
+                  for kind in ("call", "show", "list")}
         print()
         for label, timings in results.items():
             kind = label.split()[0]
