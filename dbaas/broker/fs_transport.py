@@ -6,9 +6,10 @@ The directory is created if missing::
     messages/<stamp>_<id>.<queue>.msg     ready, oldest stamp first
     messages/.<same name>.….tmp           being written; no queue's pattern matches it
     unacked/<owner>.<message name>        claimed by a consumer, not yet acked
-    owners/<pid>-<token>.lock             locked by a consuming process for its whole life
+    owners/<pid>-<token>.lock             locked by a consuming (or declaring) process for its whole life
+    users/<owner>.<queue>                 that process declared that auto-delete queue
     control/<exchange>.exchange           kombu's binding tables (shared, as in kombu)
-    control/<queue>.autodelete            the queue's messages may be swept
+    control/<queue>.autodelete            the queue is auto-delete (touched when declared)
     corrupt/                              files that did not decode, set aside
 
 What differs from kombu's transport, and why:
@@ -25,6 +26,12 @@ What differs from kombu's transport, and why:
   a zombie cannot keep messages hostage.
 * Messages of auto-delete queues (Celery events, pidbox, replies) older than
   ``transient_message_ttl`` are swept: their consumer is gone, nobody reads them.
+* An auto-delete queue is deleted with its bindings and messages once every process that
+  declared it has died and it was last declared longer than ``transient_message_ttl``
+  ago. kombu's virtual transport never deletes one: the event queue of every Flower or
+  `celery events` that ever ran stayed bound and got a copy of every event. Not as soon
+  as its last consumer goes, as RabbitMQ does: a live process may consume it again
+  without binding it again (kombu remembers its bindings per process).
 
 Single host, POSIX only: rename atomicity and record locks are what make it
 correct, and they do not hold across network filesystem clients. Messages are
@@ -129,7 +136,7 @@ class Channel(filesystem.Channel):
         # queue -> names listed but not tried yet: listing costs more than a claim
         self._backlogs = defaultdict(deque)
         # Opening a channel is when a restarted consumer must see what its crashed predecessor held.
-        self.connection.housekeep_if_due()
+        self.connection.housekeep_if_due(self)
 
     @property
     def control_folder(self):
@@ -140,7 +147,7 @@ class Channel(filesystem.Channel):
         write_atomically(self.connection.ready_dir / name, dumps(payload))
 
     def _get(self, queue):
-        self.connection.housekeep_if_due()
+        self.connection.housekeep_if_due(self)
         for name in self._candidates(queue):
             payload = self._claim(name)
             if payload is not None:
@@ -223,6 +230,8 @@ class Channel(filesystem.Channel):
     def _new_queue(self, queue, auto_delete=False, **kwargs):
         if auto_delete:  # tells every process's sweep that these messages are disposable
             (self.control_folder / f"{_checked(queue)}{AUTODELETE}").touch()
+            transport = self.connection
+            (transport.users_dir / f"{process_owner(transport.owners_dir)}.{queue}").touch()
 
     def _delete(self, queue, *args, **kwargs):
         super()._delete(queue, *args, **kwargs)
@@ -230,6 +239,17 @@ class Channel(filesystem.Channel):
 
     def _size(self, queue):
         return len(self._ready_files(queue))
+
+    def _delete_unused(self, queue):
+        """Delete an auto-delete queue nobody uses: its bindings in every exchange's
+        table, then its messages and its marker."""
+        for table in self.control_folder.glob("*.exchange"):
+            exchange = table.name[: -len(".exchange")]
+            for binding in self.get_table(exchange):
+                if binding.queue == queue:
+                    self._delete(queue, exchange, binding.routing_key, binding.pattern)
+        self._purge(queue)
+        (self.control_folder / f"{queue}{AUTODELETE}").unlink(missing_ok=True)
 
     def _purge(self, queue):
         purged = 0
@@ -260,8 +280,9 @@ class Transport(filesystem.Transport):
         self.unacked_dir = self.root / "unacked"
         self.owners_dir = self.root / "owners"
         self.control_dir = self.root / "control"
+        self.users_dir = self.root / "users"
         self.corrupt_dir = self.root / "corrupt"
-        for folder in (self.ready_dir, self.unacked_dir, self.owners_dir, self.control_dir):
+        for folder in (self.ready_dir, self.unacked_dir, self.owners_dir, self.control_dir, self.users_dir):
             folder.mkdir(parents=True, exist_ok=True)
         options = client.transport_options
         self.housekeeping_interval = options.get("housekeeping_interval", 5.0)
@@ -273,12 +294,13 @@ class Transport(filesystem.Transport):
     def as_uri(self, uri, include_password=False, mask="**"):
         return uri
 
-    def housekeep_if_due(self):
+    def housekeep_if_due(self, channel):
         now = monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self.housekeeping_interval
             self.recover_orphans()
             self.sweep()
+            self.delete_unused(channel)
 
     def recover_orphans(self):
         """Put the unacked messages of dead processes back into their queues."""
@@ -318,3 +340,25 @@ class Transport(filesystem.Transport):
             if match and int(match["stamp"]) < cutoff and (temp or match["queue"] in disposable):
                 with suppress(FileNotFoundError):
                     os.unlink(self.ready_dir / name)
+
+    def delete_unused(self, channel):
+        """Delete the auto-delete queues that no live process declared and that were last
+        declared before the cutoff."""
+        # Records first: a record's owner lock exists before the record does.
+        records = os.listdir(self.users_dir)
+        live = {name[: -len(".lock")] for name in os.listdir(self.owners_dir) if name.endswith(".lock")}
+        used = set()
+        for record in records:
+            owner, _, queue = record.partition(".")
+            if owner in live:
+                used.add(queue)
+            else:  # its process died: recover_orphans removed its lock
+                (self.users_dir / record).unlink(missing_ok=True)
+        cutoff = time_ns() - int(self.transient_message_ttl * 1e9)
+        for name in os.listdir(self.control_dir):
+            queue = name[: -len(AUTODELETE)]
+            if not name.endswith(AUTODELETE) or queue in used:
+                continue
+            with suppress(FileNotFoundError):
+                if (self.control_dir / name).stat().st_mtime_ns < cutoff:
+                    channel._delete_unused(queue)

@@ -1,5 +1,6 @@
 """The dbaasfs transport between real OS processes: kombu producers and consumers, Celery workers."""
 
+import json
 import os
 import signal
 import subprocess
@@ -288,3 +289,48 @@ def test_celery_worker_killed_mid_backlog_loses_no_task(tmp_path, spawn):
     start_worker(spawn, tmp_path, url, "worker-2.log")
     wait_until(lambda: set(lines(done)) == {str(n) for n in range(60)}, 30, "every task after the restart")
     print(f"duplicates after the crash: {len(lines(done)) - 60}")
+
+
+def test_the_event_queue_of_a_killed_events_consumer_goes_with_its_binding(tmp_path, spawn):
+    """`celery events` killed with SIGKILL: its queue stops getting a copy of every event
+    once the queue is older than the TTL; a live consumer's queue stays, however old."""
+    url = broker_url_for(tmp_path / "broker")
+    control, ready = tmp_path / "broker" / "control", tmp_path / "broker" / "messages"
+    (tmp_path / "tinyapp.py").write_text(TINY_APP)
+
+    def event_queues():
+        table = control / "celeryev.exchange"
+        return {queue for _, _, queue in json.loads(table.read_text())} if table.exists() else set()
+
+    def start_events(log_name):
+        before = event_queues()
+        process = spawn([sys.executable, "-m", "celery", "-A", "tinyapp", "events", "--dump"], log_name,
+                        TINY_BROKER_URL=url, TINY_DONE="")
+        wait_until(lambda: event_queues() - before, 30, f"{log_name}'s event queue bound")
+        return process, (event_queues() - before).pop()
+
+    doomed, doomed_queue = start_events("doomed.log")
+    live, live_queue = start_events("live.log")
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.wait(timeout=10)
+
+    app = celery_client(url)
+    app.conf.broker_transport_options = {"transient_message_ttl": 1.0, "housekeeping_interval": 0}
+    with app.connection_for_write() as connection:
+        dispatcher = app.events.Dispatcher(connection, hostname="probe@test", enabled=True)
+
+        def heartbeat():
+            dispatcher.send("worker-heartbeat", freq=2.0, active=0, processed=0, loadavg=[0, 0, 0],
+                            sw_ident="probe", sw_ver="1", sw_sys="Linux")
+        heartbeat()
+        assert [n for n in files(ready) if n.endswith(f".{doomed_queue}.msg")], "copies go to the dead queue"
+        time.sleep(1.5)  # both queues are older than the TTL now
+        connection.channel()  # a channel's opening housekeeps
+        heartbeat()
+
+        assert event_queues() == {live_queue}
+        assert not (control / f"{doomed_queue}.autodelete").exists()
+        assert not [n for n in files(ready) if n.endswith(f".{doomed_queue}.msg")]
+        wait_until(lambda: (tmp_path / "live.log").read_text().count("probe@test") == 2, 15,
+                   "the live consumer's copies")
+    assert live.poll() is None
