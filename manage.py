@@ -135,18 +135,40 @@ def backup_create(args) -> int:
         view = wait_for("backup", view["id"], conductor().backup_show, "state",
                         wire.FINAL_BACKUP_STATES, args.timeout)
     failure = f"backup {view['id']} FAILED: {view['fail_reason']}" if view["state"] == "FAILED" else None
-    return print_result(view, args.json, failure)
+    return print_result(sized(view, args.json), args.json, failure)
 
 
 def backup_show(args) -> int:
-    print_views([conductor().backup_show(args.id)], args.json, single=True)
+    print_views([sized(conductor().backup_show(args.id), args.json)], args.json, single=True)
     return 0
 
 
 def backup_list(args) -> int:
-    print_views(conductor().backup_list(instance_id=args.instance), args.json, single=False,
-                columns=BACKUP_COLUMNS)
+    print_views([sized(view, args.json) for view in conductor().backup_list(instance_id=args.instance)],
+                args.json, single=False, columns=BACKUP_COLUMNS)
     return 0
+
+
+GIB = 1024 ** 3
+
+
+def sized(backup: dict, as_json: bool) -> dict:
+    """A backup's size in bytes (--json) or in human units: the conductor keeps Trove's
+    size, GB of 2**30 bytes as a float."""
+    if backup.get("size") is None:
+        return backup
+    size = round(backup["size"] * GIB)
+    return {**backup, "size": size if as_json else human_bytes(size)}
+
+
+def human_bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
 
 
 def backup_delete(args) -> int:

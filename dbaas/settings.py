@@ -132,7 +132,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("guest_command", "DBAAS_GUEST_COMMAND", str,
            lambda s: f"{sys.executable} -m workers.guestagent run",
            "the guest agent the local driver starts (`--config FILE` is appended)",
-           used_by="taskmanager", default_text="`python -m workers.guestagent run`"),
+           used_by="taskmanager", default_text="`<the taskmanager's python> -m workers.guestagent run`"),
     Option("quota_instances", "DBAAS_QUOTA_INSTANCES", int, "10",
            "instances a project may have unless `manage.py quota set` gave it a limit of its own",
            used_by="conductor"),

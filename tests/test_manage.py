@@ -302,6 +302,19 @@ def test_backup_list_and_show(cli):
     assert f"{'state':>20}  COMPLETED" in ok(cli, "backup", "show", first).splitlines()
 
 
+def test_backup_size_in_bytes_for_json_and_in_human_units_in_tables(cli):
+    instance_id = make_active(cli)
+    # The record holds Trove's size: GB (of 2**30 bytes) as a float.
+    backup_id = make_backup(instance_id, state="COMPLETED", location=LOCATION, size=2_621_440 / 1024 ** 3)
+    small = make_backup(instance_id, state="COMPLETED", location=LOCATION, size=4096 / 1024 ** 3)
+    assert ok(cli, "backup", "show", backup_id, "--json")["size"] == 2_621_440
+    assert {b["id"]: b["size"] for b in ok(cli, "backup", "list", "--json")} == {backup_id: 2_621_440, small: 4096}
+    assert f"{'size':>20}  2.5 MiB" in ok(cli, "backup", "show", backup_id).splitlines()
+    rows = ok(cli, "backup", "list").splitlines()
+    assert "2.5 MiB" in next(row for row in rows if backup_id in row)
+    assert "4.0 KiB" in next(row for row in rows if small in row)
+
+
 # --- reset-status ----------------------------------------------------------------------------
 
 def test_reset_status_says_what_it_cleared(cli):
