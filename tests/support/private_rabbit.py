@@ -235,17 +235,18 @@ class RabbitCluster:
         try:
             with ThreadPoolExecutor(len(self.nodes)) as pool:
                 list(pool.map(RabbitNode.start, self.nodes))
-                list(pool.map(self._join, self.nodes[1:]))
+                joining = self.nodes[1:]
+                list(pool.map(lambda node: node.ctl("stop_app"), joining))
+                # One at a time: two nodes joining at once can both fail copying the
+                # seed's schema ("{aborted, {shutdown, ... sync_dump_log ...}}").
+                for node in joining:
+                    node.ctl("join_cluster", self.nodes[0].node)
+                list(pool.map(lambda node: node.ctl("start_app"), joining))
         except BaseException:
             self.cleanup()
             raise
         self.form_seconds = time.monotonic() - began
         return self
-
-    def _join(self, node: RabbitNode) -> None:
-        node.ctl("stop_app")
-        node.ctl("join_cluster", self.nodes[0].node)
-        node.ctl("start_app")
 
     def node(self, name: str) -> RabbitNode:
         return next(n for n in self.nodes if n.node == name)
