@@ -49,7 +49,7 @@ def test_create_restart_delete(running):
                      message="the endpoint recorded through the conductor")
     assert row.host == "127.0.0.1"
     wait_until(lambda: len(processes_of(instance_id)) == 1, timeout=30, message="the guest process")
-    assert take_commands(running.stack.broker_url, instance_id, 1) == [("prepare", {"port": row.port})]
+    assert take_commands(running.stack.broker_url, instance_id, 1) == [("prepare", {"port": row.port, "host": row.host})]
 
     # Redelivery: the same request twice more; the guest is not started again.
     running.python(f"from dbaas.celery import app\n"
@@ -58,7 +58,7 @@ def test_create_restart_delete(running):
                    f"    TaskmanagerAPI(app).create_instance({instance_id!r}, 'postgresql', None, 1)")
     wait_until(lambda: running.handled("create_instance") == 3, timeout=60, message="three creates handled")
     assert len(processes_of(instance_id)) == 1
-    assert take_commands(running.stack.broker_url, instance_id, 2) == [("prepare", {"port": row.port})] * 2
+    assert take_commands(running.stack.broker_url, instance_id, 2) == [("prepare", {"port": row.port, "host": row.host})] * 2
 
     running.ok("instance", "restart", instance_id)
     wait_until(lambda: running.handled("restart_instance") == 1, timeout=60, message="the restart handled")
