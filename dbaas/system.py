@@ -230,12 +230,24 @@ def running(config=None) -> list[Running]:
     processes = _all_processes()
     holders = _lock_holders(config, processes)
     found = []
-    # honcho starts each command as `sh -c …` in a session of its own.
+    # honcho starts each command as `sh -c …` in a session of its own; the command is the
+    # shell itself once it execs, else the shell's first child.
     for leader in (p for p in processes if p.ppid in holders and p.session == p.pid):
         members = [p for p in processes if p.session == leader.session]
-        main = min((p for p in members if p.ppid == leader.pid), key=lambda p: p.pid, default=leader)
+        commands = [p for p in members if _comm(p.pid) not in SHELLS] or [leader]
+        main = min(commands, key=lambda p: p.started)
         found.append(Running(_honcho_name(leader.pid), main.pid, len(members), leader.session))
     return sorted(found, key=lambda r: r.name)
+
+
+SHELLS = {"sh", "dash", "bash"}
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _honcho_name(pid: int) -> str:
