@@ -37,7 +37,10 @@ class Refused(Exception):
 
 def _flower_endpoint(config) -> tuple[str, int, str]:
     # The Procfile passes --port=${FLOWER_PORT:-5555}; Flower reads FLOWER_ADDRESS itself.
-    return os.environ.get("FLOWER_ADDRESS", ""), int(os.environ.get("FLOWER_PORT") or 5555), "FLOWER_PORT"
+    port = os.environ.get("FLOWER_PORT") or "5555"
+    if not port.isdigit():
+        raise Refused(f"FLOWER_PORT={port!r} is not a port number")
+    return os.environ.get("FLOWER_ADDRESS", ""), int(port), "FLOWER_PORT"
 
 
 def _api_endpoint(config) -> tuple[str, int, str]:
