@@ -6,6 +6,7 @@ the guest's config and when it signs a command, and nothing secret crosses the b
 """
 
 import os
+import time
 
 from kombu import Connection
 from kombu.exceptions import KombuError
@@ -17,6 +18,14 @@ from workers.guestagent.api import GuestConfig, command_queue, send_command
 
 class GuestUnreachable(Exception):
     """A command could not be handed to the broker for the guest."""
+
+
+# A broker failing over refuses a publish for a moment — RabbitMQ nacks a message for a
+# quorum queue whose leader just died, a dying node resets the connection — and kombu
+# does not try again after a nack: ``send`` does, each time on a new connection (so on
+# another node), before it gives up. Commands are idempotent for the agent.
+SEND_ATTEMPTS = 4
+SEND_BACKOFF = (0.5, 1.0, 2.0)
 
 
 def backup_root() -> str:
@@ -62,8 +71,16 @@ def delete_queues(instance_id: str) -> None:
 
 
 def send(instance_id: str, generation: int, command: str, args: dict) -> None:
-    try:
-        send_command(settings.get().broker_url, instance_id, secret(instance_id, generation),
-                     command, args, settings.get().queue_type)
-    except (OSError, ValueError, KombuError) as exc:
-        raise GuestUnreachable(f"cannot send {command} to the guest of {instance_id}: {exc}") from exc
+    for attempt in range(SEND_ATTEMPTS):
+        try:
+            send_command(settings.get().broker_url, instance_id, secret(instance_id, generation),
+                         command, args, settings.get().queue_type)
+            return
+        except (OSError, KombuError) as exc:
+            if attempt + 1 == SEND_ATTEMPTS:
+                # A nack's error says nothing by itself: name its cause.
+                why = str(exc) or repr(exc.__cause__ or exc)
+                raise GuestUnreachable(f"cannot send {command} to the guest of {instance_id}: {why}") from exc
+            time.sleep(SEND_BACKOFF[min(attempt, len(SEND_BACKOFF) - 1)])
+        except ValueError as exc:  # not a command: trying again changes nothing
+            raise GuestUnreachable(f"cannot send {command} to the guest of {instance_id}: {exc}") from exc
