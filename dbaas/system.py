@@ -60,8 +60,7 @@ def check() -> None:
     """Raise Refused if a run of this checkout is up or a port of the Procfile is taken."""
     config = settings.get()
     if _lock_held(config):
-        raise Refused(f"already running from this checkout ({_describe(config)}): "
-                      "scripts/stop stops it")
+        raise _already_running(config)
     _check_ports(config)
 
 
@@ -76,10 +75,11 @@ def _check_ports(config) -> None:
                               f"({variable} chooses another port)") from None
 
 
-def _describe(config) -> str:
+def _already_running(config) -> Refused:
     launcher = _launcher(config)
     where = f"var directory {config.var_dir}"
-    return f"pid {launcher}, {where}" if launcher else where
+    return Refused(f"already running from this checkout ({f'pid {launcher}, ' if launcher else ''}{where}): "
+                   "scripts/stop stops it")
 
 
 # --- the launcher --------------------------------------------------------------------------
@@ -125,8 +125,7 @@ def start() -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise Refused(f"already running from this checkout ({_describe(config)}): "
-                      "scripts/stop stops it") from None
+        raise _already_running(config) from None
     _check_ports(config)
     pid_file = Path(config.var_dir) / PID_FILE
     pid_file.write_text(f"{os.getpid()} {_stat(os.getpid()).started}\n")
@@ -220,9 +219,8 @@ def _lock_holders(config, processes: list[Proc]) -> set[int]:
 @dataclass
 class Running:
     name: str       # honcho's, e.g. conductor.1
-    pid: int        # the Procfile command's process (honcho's shell runs it)
-    processes: int  # all of its session: the worker's pool processes too
-    session: int
+    pid: int      # the Procfile command's process
+    session: int  # its session: the worker's pool processes too
 
 
 def running(config=None) -> list[Running]:
@@ -239,7 +237,7 @@ def running(config=None) -> list[Running]:
         members = [p for p in processes if p.session == leader.session]
         commands = [p for p in members if _comm(p.pid) not in SHELLS] or [leader]
         main = min(commands, key=lambda p: p.started)
-        found.append(Running(_honcho_name(leader.pid), main.pid, len(members), leader.session))
+        found.append(Running(_honcho_name(leader.pid), main.pid, leader.session))
     return sorted(found, key=lambda r: r.name)
 
 
