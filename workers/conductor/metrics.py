@@ -20,11 +20,9 @@ from kombu import Connection
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import func, select
 
 from dbaas import db, settings
-from dbaas.models import Instance
-from dbaas.status import api_status
+from workers.conductor import instances
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +116,11 @@ class StateCollector:
     def _instances():
         family = GaugeMetricFamily("dbaas_instances", "Live instances by status", labels=["status"])
         try:
-            rows = db.run_transaction(lambda session: session.execute(
-                select(Instance.task_status, Instance.service_status, Instance.fault_kind, func.count())
-                .where(Instance.deleted.is_(False))
-                .group_by(Instance.task_status, Instance.service_status, Instance.fault_kind)).all(),
-                retry_for=0)
+            counts = db.run_transaction(instances.count_by_status, retry_for=0)
         except Exception as exc:
             log.warning("metrics: instances not counted: %s", exc)
             return family
-        by_status: dict[str, int] = {}
-        for task_status, service_status, fault_kind, count in rows:
-            status = api_status(deleted=False, task_status=task_status, service_status=service_status,
-                                fault_kind=fault_kind)
-            by_status[status] = by_status.get(status, 0) + count
-        for status, count in sorted(by_status.items()):
+        for status, count in sorted(counts.items()):
             family.add_metric([status], count)
         return family
 
