@@ -116,7 +116,9 @@ def test_a_killed_guest_comes_back_with_restart_and_is_reaped(system):
                message="ERROR after the guest died")
     assert running.show(instance_id)["fault"]["kind"] == "heartbeat_expired"
 
+    started = time.monotonic()
     result = running.cli("instance", "restart", instance_id, *WAIT)
+    print(f"{running.stack.kind}: restart --wait, ERROR to ACTIVE: {time.monotonic() - started:.1f}s")
     assert result.returncode == 0, result.stderr + running.taskmanager.log()[-3000:]
     view = json.loads(result.stdout)
     assert (view["status"], view["fault"]) == ("ACTIVE", None)
@@ -204,9 +206,11 @@ def test_a_deleted_instances_guest_stops_by_itself(system, tmp_path):
     wait_until(lambda: "Connected to" in (tmp_path / "stray.log").read_text(), timeout=30,
                message="the stray guest consuming")
 
+    started = time.monotonic()
     running.ok("instance", "delete", instance_id)
     wait_until(lambda: instance_row(instance_id).deleted, timeout=60, message="the instance deleted")
     assert stray.wait(timeout=60) == 0
+    print(f"{running.stack.kind}: the stray guest stopped {time.monotonic() - started:.1f}s after the delete")
     log = (tmp_path / "stray.log").read_text()
     if running.stack.kind == "embedded":
         assert "command stop {}" in log
