@@ -32,7 +32,7 @@ def test_a_sqlite_instance_shows_its_file(start):
     assert f"{'connection':>20}  path={path}" in system.ok("instance", "show", view["id"]).splitlines()
     result = system.cli("instance", "reset-password", view["id"])
     assert result.returncode == 1
-    assert result.stderr == f"error: a sqlite instance has no users: clients open its file\n"
+    assert result.stderr == "error: a sqlite instance has no users: clients open its file\n"
 
 
 @pytest.mark.skipif(not postgres_server_programs(), reason="needs root and PostgreSQL server programs")
