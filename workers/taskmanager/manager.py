@@ -72,10 +72,7 @@ class Manager:
             self.broker_users.remove(instance_id)
             guests.delete_queues(instance_id)
         except (SpawnError, GuestUnreachable, BrokerUserError, KombuError, OSError) as exc:
-            log.warning("provisioning %s failed: %s", instance_id, exc)
-            self.conductor.instance_update(
-                instance_id, fault_kind=PROVISIONING_FAILED, fault_message=str(exc),
-                fault_at=datetime.now(timezone.utc).isoformat())
+            self._fault(instance_id, PROVISIONING_FAILED, str(exc))
 
     def _record_endpoint(self, instance_id: str, datastore: str) -> dict:
         """Record where clients connect (the same answer every time for one instance);
