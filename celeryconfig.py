@@ -15,7 +15,7 @@ broker_transport_options = {"confirm_publish": True, "polling_interval": 0.05}
 
 # Calls wait for their answer on a reply queue of their own (one per client thread),
 # which kombu declares and removes; casts ask for no answer.
-result_backend = "rpc://"
+result_backend = "dbaas.rpc:ReplyBackend"
 result_persistent = False
 task_ignore_result = True
 

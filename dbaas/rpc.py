@@ -9,10 +9,24 @@ client thread, managed by kombu). Answers are data, ``{"result": …}`` or
 """
 
 from celery import Celery
+from celery.backends.rpc import RPCBackend
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import KombuError, OperationalError
 
 from dbaas import errors, settings, signing, wire
+
+
+class ReplyBackend(RPCBackend):
+    """Celery's rpc backend with reply queues that are not durable. A durable classic
+    queue lives on one RabbitMQ node: while that node was down, RabbitMQ refused to
+    declare the caller's reply queue again, and every call from that thread failed until
+    the node returned. A transient one is declared anew on a node that is up. Replies are
+    only ever awaited by a live caller, so nothing is lost that durability kept."""
+
+    @property
+    def binding(self):
+        return self.Queue(self.oid, self.exchange, self.oid, durable=False, auto_delete=True,
+                          expires=self.expires)
 
 
 def service_headers(task_name: str, args: list, kwargs: dict) -> dict:
