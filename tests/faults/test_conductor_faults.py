@@ -19,9 +19,9 @@ from sqlalchemy import func, select, text
 
 from dbaas import db
 from dbaas.models import Backup, Instance, Watermark
-from tests.support.faults import Publisher, backups_by_id, instances_by_id, kill_whole, pool_children, watermarks
+from tests.support.faults import Publisher, backups_by_id, instances_by_id, watermarks
 from tests.support.private_postgres import PostgresServer
-from tests.support.services import wait_until
+from tests.support.services import pool_children, wait_until
 from tests.support.stack import make_backup, make_instances
 
 pytestmark = pytest.mark.fault
@@ -79,7 +79,7 @@ def test_a_whole_conductor_sigkilled_mid_backlog_loses_nothing(vhost, database_u
     doomed, survivor = system.conductor("doomed", concurrency=2), system.conductor("survivor", concurrency=2)
     system.start(doomed, survivor)
     wait_until(lambda: applied() >= 200, timeout=120, interval=0.02, message="the first messages applied")
-    kill_whole(doomed)
+    doomed.kill()
     killed_at, at_kill = time.monotonic(), applied()
     assert at_kill < total, "the backlog drained before the kill: the test proves nothing"
     wait_until(lambda: applied() == total, timeout=240, interval=0.5,

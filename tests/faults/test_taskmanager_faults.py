@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from dbaas import wire
-from tests.support.faults import guest_logs, guest_pid, instances_by_id, kill_whole
+from tests.support.faults import guest_logs, guest_pid, instances_by_id
 from tests.support.services import wait_until
 from tests.support.stack import processes_of
 from workers.guestagent.pidlock import running_agent
@@ -45,7 +45,7 @@ def test_taskmanager_sigkilled_mid_provisioning(vhost, database_url, make_system
     # `prepare`: the kill lands between the two.
     started = wait_until(lambda: [i for i in ids if processes_of(i)], timeout=60, interval=0.01,
                          message="a guest started")
-    kill_whole(taskmanager)
+    taskmanager.kill()
     killed_at = time.monotonic()
     at_kill = {i: bool(processes_of(i)) for i in ids}
     # A guest started a moment before the kill may not be in the taskmanager's pid file yet.
@@ -77,7 +77,7 @@ def test_taskmanager_sigkilled_mid_delete(vhost, database_url, make_system):
     # destroy() sends the guest SIGTERM and waits for it to stop: the kill lands there.
     wait_until(lambda: "signal SIGTERM" in guest_logs(), timeout=60, interval=0.01,
                message="a guest told to stop")
-    kill_whole(taskmanager)
+    taskmanager.kill()
     killed_at = time.monotonic()
     at_kill = {i: (bool(processes_of(i)), directories[i].exists()) for i in ids}
     assert any(alive or kept for alive, kept in at_kill.values()), "the deletes were over before the kill"
@@ -113,7 +113,7 @@ def test_instance_deleted_while_the_taskmanager_is_down_mid_provisioning(vhost, 
     instance_id = system.create_instance("db")
     wait_until(lambda: "taskmanager.create_instance[" in taskmanager.log(), timeout=60, interval=0.005,
                message="the create taken")
-    kill_whole(taskmanager)
+    taskmanager.kill()
     killed_at = time.monotonic()
     guest_at_kill = bool(processes_of(instance_id))
     system.api.instance_delete(instance_id)

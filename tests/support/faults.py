@@ -6,9 +6,7 @@ Nothing here touches the shared RabbitMQ or PostgreSQL.
 """
 
 import importlib.util
-import os
 import random
-import signal
 import threading
 import time
 import uuid
@@ -100,34 +98,6 @@ class Publisher(support_guests.Publisher):
 
 # --- the control plane -----------------------------------------------------------------
 
-def pool_children(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (a worker's pool)."""
-    children = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] not in "ZX":
-            children.append(int(entry))
-    return children
-
-
-def kill_whole(worker: Worker) -> None:
-    """SIGKILL a worker's main process and every pool process at once, like a crash of its
-    host's OOM killer or a power cut (pool processes have process groups of their own, so
-    Worker.kill's group signal reaches only the main process)."""
-    if worker.process is None or worker.process.poll() is not None:
-        return
-    for pid in [worker.process.pid, *pool_children(worker.process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    worker.kill()
-    worker.process.wait(30)
-
-
 def client_app() -> Celery:
     """A Celery app configured from celeryconfig.py as it reads the settings now (the
     module itself was evaluated once, with whatever settings the first importer had)."""
@@ -190,7 +160,7 @@ class System:
 
     def close(self) -> None:
         for worker in self.workers:  # thrown away: no need to wait for a graceful stop
-            kill_whole(worker)
+            worker.kill()
             worker.stop()
         root = Path(instances_root())
         for directory in root.iterdir() if root.exists() else ():

@@ -95,6 +95,19 @@ def project_env(**overrides) -> dict:
     return env
 
 
+def pool_children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (a worker's pool)."""
+    children = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in "ZX":
+            children.append(int(entry))
+    return children
+
+
 class Worker:
     """A real ``celery -A dbaas worker`` process."""
 
@@ -124,8 +137,14 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL the whole worker (main process and its pool children)."""
+        """SIGKILL the whole worker at once — main process and pool processes, like a crash
+        of its host (pool processes have process groups of their own)."""
         if self.process and self.process.poll() is None:
+            for pid in pool_children(self.process.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
 
