@@ -1,65 +1,32 @@
 #!/usr/bin/env python
-"""Conductor heartbeat benchmark on real RabbitMQ + PostgreSQL, real worker processes.
+"""Conductor heartbeat benchmark on real RabbitMQ + PostgreSQL with the product's worker
+command (``celery -A dbaas worker -Q trove-conductor``). Issue 12's figures, and issue 6's
+refusal line, in one run:
 
     . .venv/bin/activate
-    python bench/heartbeats.py [--instances 1000] [--messages 20000] [--rate 1000] [--seconds 15]
+    python bench/heartbeats.py                        # defaults: about 5 minutes
+    python bench/heartbeats.py --only drain --rounds 4
 
-One run, with its own throw-away PostgreSQL database and RabbitMQ vhost (both dropped at
-the end), measures:
+Phases (``--only`` picks some; bench/README.md says exactly what each measures):
 
-1. raw broker floor: a plain kombu consumer that only acks N Celery-format messages;
-2. Celery floor: N pre-published ``conductor.noop`` tasks (bench/noop_app.py: the
-   conductor's own app, queue and settings, a task that does nothing) drained by
-   ``celery -A bench.noop_app worker -Q trove-conductor``;
-3. heartbeats: N pre-published signed heartbeats (shuffled, strictly increasing ``sent``
-   per instance) drained by the product command ``celery -A dbaas worker -Q
-   trove-conductor``; then a correctness check of every instance;
-4. latency: a conductor running, heartbeats published at a steady R/s for S seconds,
-   each to an instance of its own; send-to-commit latency per message.
+1. drain: N pre-published heartbeats for M instances drained by one conductor, against
+   the raw broker floor (a kombu consumer that only acknowledges, same prefetch: 2 x
+   DBAAS_HEARTBEAT_BATCH_SIZE) in ABBA rounds; ratio; correctness check; per-heartbeat
+   CPU of the conductor, RabbitMQ and PostgreSQL; what that means for a fleet.
+2. scale: the same drain with 1, 2 and 3 conductor processes on the queue; CPU split.
+3. latency: send->commit at steady rates (default 1,000/s for 15 s, 3,000/s for 30 s),
+   queue depth sampled.
+4. refusals: per kind of hostile message, N pre-published, refusals per second.
+5. flood: 20,000 hostile messages of mixed kinds queued, valid heartbeats sent meanwhile.
 
-Floor and heartbeat drains are repeated ``--rounds`` times in ABBA order (floor first in
-odd rounds, heartbeats first in even rounds) so drift on a shared machine hits both.
-
-Timing of a drain starts when the worker's consumer appears on the queue (or the queue
-starts to shrink, whichever is seen first; polled every 5 ms) and ends when every
-message is done: for the floor, the no-op tasks have counted N completions; for
-heartbeats, every instance's watermark is at its newest ``sent`` and no message is
-left ready in the queue. A "steady" rate over the middle 80 % of the queue (ready count
-going from 90 % to 10 % of N) is reported too: it leaves out worker start-up and tail.
-
-Latency: a statement-level trigger on ``watermarks`` (created in the bench database only,
-for phase 4) calls ``pg_notify`` with the writing transaction's id; NOTIFY is delivered
-at commit, so a listener process records each transaction's commit time. The
-transaction that applied a message is its watermark row's ``xmin`` (one message per
-instance in that phase). Latency = commit time - ``sent`` (both ``time.time()`` on this
-host). Also reported: ``instances.last_heartbeat - sent`` (conductor's clock when it
-started the batch).
-
-Messages are published by one kombu producer in Celery's own message format
-(``app.amqp.as_task_v2`` + the ``dbaas_auth`` header ``send_signed`` adds), without
-publisher confirms: Celery's ``send_task`` with confirms managed ~400-600 msg/s here,
-too slow to pre-publish 20,000 messages or to sustain 1,000/s. Every pre-published
-batch is checked to have fully arrived (queue depth) before a worker starts.
-
-CPU: each drain and the latency phase report the worker's CPU per message (its process
-tree, from /proc) and that of its PostgreSQL backend, and split the machine's busy cores
-into worker / RabbitMQ / PostgreSQL / this bench / other processes (approximate, +-0.1
-core): on a shared machine that says whether a slow figure is the conductor's or the
-neighbours'. The latency phase also prints it per second.
-
-Options ``--batch-size`` / ``--batch-interval`` set DBAAS_HEARTBEAT_BATCH_SIZE /
-DBAAS_HEARTBEAT_BATCH_INTERVAL for the workers (or export those two variables);
-``--variants "default,50:0.005,500:0.05"`` measures several settings (and, with a third
-field, other conductor app modules) in the same run, interleaved. ``--profile DIR`` records each drain and the latency phase with
-py-spy (``pip install py-spy``) on the worker's main process (floor: with its pool
-children) and prints where the samples fall; profiled figures are marked as such.
+Creates its own PostgreSQL database and RabbitMQ vhost and drops them at the end.
 """
 
 import argparse
 import json
+import math
 import os
 import random
-import re
 import secrets as pysecrets
 import select
 import shutil
@@ -70,23 +37,25 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from datetime import timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.hb import hostile  # noqa: E402
+from bench.hb.cpu import (CATEGORIES, CPUS, RABBIT_COMMS, Accounting, listener_pid,  # noqa: E402
+                          pg_roles_query, split_text, threads_text)
+from bench.hb.processes import QUEUE, Conductor, Profiler, log_problems, summarize_profile  # noqa: E402
+
 PG_ADMIN_URL = os.environ.get("DBAAS_TEST_PG_ADMIN_URL",
                               "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 AMQP_HOST = os.environ.get("DBAAS_TEST_AMQP_HOST", "127.0.0.1:5672")
-QUEUE = "trove-conductor"
-RAW_QUEUE = "bench-raw"
 # Non-sticky statuses (a sticky one would, by design, not be overwritten by newer ones).
 STATUSES = ["running", "healthy", "shutdown", "crashed", "paused", "blocked"]
-NOTIFY_CHANNEL = "bench_commit"
-SAMPLE_KEYS = ("machine", "worker", "rabbitmq", "postgres", "bench", "other")
+PHASES = ("drain", "scale", "latency", "refusals", "flood")
 PASSTHROUGH = ("DBAAS_HEARTBEAT_BATCH_SIZE", "DBAAS_HEARTBEAT_BATCH_INTERVAL")
+PROBES = 8
 
 
 def log(message: str) -> None:
@@ -97,463 +66,140 @@ def percentile(sorted_values: list, p: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
         return float("nan")
-    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
+    rank = max(1, min(len(sorted_values), math.ceil(p * len(sorted_values) / 100)))
     return sorted_values[rank - 1]
 
 
-def median(values: list) -> float:
+def stats(values: list) -> dict:
     values = sorted(values)
+    return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99), "max": values[-1] if values else float("nan")}
+
+
+def median(values: list) -> float:
+    values = sorted(v for v in values if v == v)
     n = len(values)
     if not n:
         return float("nan")
     return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
-# --------------------------------------------------------------------------- CPU accounting
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-CPUS = os.cpu_count() or 1
-
-
-def process_cpu(pid: int, descendants: bool = True) -> float:
-    """CPU seconds (user + system) of ``pid`` and, by default, its living descendants."""
-    total, stack, seen = 0.0, [pid], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            with open(f"/proc/{current}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-            if descendants:
-                for task in os.listdir(f"/proc/{current}/task"):
-                    with open(f"/proc/{current}/task/{task}/children") as children:
-                        stack.extend(int(c) for c in children.read().split())
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
-    return total
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, y)."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    den = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / den if den else 0.0
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
-    with open("/proc/stat") as stat:
-        values = [int(v) for v in stat.readline().split()[1:9]]
-    idle = values[3] + values[4]
-    total = sum(values)
-    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
+def product_tree() -> str:
+    """Which product code the conductors run: ROOT's commit, and any uncommitted change to
+    it (a shared working tree can hold someone's work in progress)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode:
+            return f"{ROOT} (not a git checkout)"
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "dbaas", "workers",
+                                "celeryconfig.py"], capture_output=True, text=True, timeout=10).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{ROOT} ({exc})"
+    if not dirty:
+        return f"{ROOT} at commit {head.stdout.strip()}, no uncommitted change to dbaas/, workers/, celeryconfig.py"
+    return (f"{ROOT} at commit {head.stdout.strip()} WITH UNCOMMITTED CHANGES to {len(dirty)} product files: "
+            + ", ".join(dirty[:8]) + (" ..." if len(dirty) > 8 else ""))
 
-
-def _comm_pids() -> dict[str, list[int]]:
-    found: dict[str, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as comm:
-                    found.setdefault(comm.read().strip(), []).append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-class CpuBreakdown:
-    """Who used the machine's CPU between two calls of ``delta()``: the worker's process
-    tree, the bench's own processes (publisher/poller and the commit listener), RabbitMQ
-    (the whole node), PostgreSQL (the whole cluster) and everything else."""
-
-    def __init__(self, worker_pid: int, bench_pids: list[int]):
-        self.worker_pid, self.bench_pids = worker_pid, bench_pids
-        self.last = self._snapshot(first=True)
-
-    def _snapshot(self, first: bool = False) -> dict:
-        comms = _comm_pids()
-        return {
-            "time": time.perf_counter(), "machine": machine_cpu(),
-            "worker": process_cpu(self.worker_pid),
-            "bench": sum(process_cpu(pid, descendants=False) for pid in self.bench_pids),
-            "rabbitmq": {pid: process_cpu(pid, False) for pid in comms.get("beam.smp", [])},
-            "postgres": {pid: process_cpu(pid, False) for pid in comms.get("postgres", [])},
-        }
-
-    def delta(self) -> dict:
-        now, last = self._snapshot(), self.last
-        self.last = now
-        wall = now["time"] - last["time"]
-        busy = now["machine"][0] - last["machine"][0]
-        total = now["machine"][1] - last["machine"][1]
-        cores = {"wall": wall,
-                 "machine": busy / total * CPUS if total > 0 else float("nan")}
-        for key in ("worker", "bench"):
-            cores[key] = (now[key] - last[key]) / wall
-        for key in ("rabbitmq", "postgres"):
-            cpu = sum(value - last[key].get(pid, 0.0) for pid, value in now[key].items())
-            cores[key] = cpu / wall
-        cores["other"] = cores["machine"] - sum(cores[k] for k in ("worker", "bench", "rabbitmq",
-                                                                   "postgres"))
-        return cores
-
-
-def _breakdown_text(cores: dict) -> str:
-    return (f"machine busy {cores['machine']:.2f}/{CPUS} cores = worker {cores['worker']:.2f} + "
-            f"RabbitMQ {cores['rabbitmq']:.2f} + PostgreSQL {cores['postgres']:.2f} + bench "
-            f"{cores['bench']:.2f} + other processes {cores['other']:.2f}")
-
-
-class CpuWindow:
-    """CPU used between start() and stop(): by a worker's process tree, by the PostgreSQL
-    backends serving the bench database (the worker's connections), and by the machine."""
-
-    def __init__(self, bench, worker_pid: int, extra_pids: list[int] = ()):
-        self.bench, self.pid = bench, worker_pid
-        self.extra_pids = list(extra_pids)
-
-    def _backends(self) -> dict[int, float]:
-        pids = [pid for (pid,) in self.bench.sql(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (self.bench.database.name,))]
-        return {pid: process_cpu(pid, descendants=False) for pid in pids}
-
-    def start(self) -> "CpuWindow":
-        self.t0 = time.perf_counter()
-        self.worker0 = process_cpu(self.pid)
-        self.backends0 = self._backends()
-        self.machine0 = machine_cpu()
-        self.breakdown = CpuBreakdown(self.pid, [os.getpid(), *self.extra_pids])
-        return self
-
-    def stop(self) -> dict:
-        wall = time.perf_counter() - self.t0
-        worker = process_cpu(self.pid) - self.worker0
-        backends = sum(cpu - self.backends0.get(pid, 0.0) for pid, cpu in self._backends().items())
-        breakdown = self.breakdown.delta()
-        busy1, total1 = machine_cpu()
-        busy0, total0 = self.machine0
-        machine_busy = (busy1 - busy0) / (total1 - total0) * CPUS if total1 > total0 else float("nan")
-        return {"wall": wall, "worker_cpu_s": worker, "pg_backend_cpu_s": backends,
-                "worker_cores": worker / wall if wall else float("nan"),
-                "machine_busy_cores": machine_busy, "breakdown_cores": breakdown}
-
-
-# --------------------------------------------------------------------------- processes
-
-class WorkerProcess:
-    """One ``celery -A <app> worker -Q trove-conductor`` process group of ours."""
-
-    def __init__(self, app_module: str, env: dict, log_path: Path, name: str,
-                 concurrency: int | None):
-        self.args = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", QUEUE,
-                     "-n", f"{name}@%h"]
-        if concurrency:
-            self.args += ["-c", str(concurrency)]
-        self.env, self.log_path = env, log_path
-        self.process: subprocess.Popen | None = None
-        self._log = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def start(self) -> "WorkerProcess":
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=self._log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def check_alive(self) -> None:
-        if not self.alive():
-            raise RuntimeError(f"worker exited ({self.process.returncode}):\n{self.log_tail()}")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def stop(self, timeout: float = 30) -> None:
-        """Warm shutdown (SIGTERM to our own process group), SIGKILL after ``timeout``."""
-        if self.process is None:
-            return
-        try:
-            if self.process.poll() is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
-                    self.process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    log(f"worker {self.process.pid} ignored SIGTERM for {timeout}s; SIGKILL")
-                    try:
-                        os.killpg(self.process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    self.process.wait(timeout=30)
-            else:
-                # The main process is gone; make sure no pool child of ours lingers.
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        finally:
-            if self._log:
-                self._log.close()
-                self._log = None
-
-
-class Profiler:
-    """``py-spy record`` on a worker, stopped with SIGINT (which makes it write its file)."""
-
-    def __init__(self, pid: int, out: Path, subprocesses: bool):
-        exe = shutil.which("py-spy", path=str(Path(sys.executable).parent) + os.pathsep
-                           + os.environ.get("PATH", ""))
-        if exe is None:
-            raise RuntimeError("--profile needs py-spy: pip install py-spy")
-        args = [exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-                "--output", str(out), "--nonblocking"]
-        if subprocesses:
-            args.append("--subprocesses")
-        self.out = out
-        self._stderr = open(str(out) + ".log", "wb")
-        self.process = subprocess.Popen(args, stdout=self._stderr, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def stop(self) -> None:
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGINT)
-                try:
-                    self.process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=10)
-        finally:
-            self._stderr.close()
-
-
-def summarize_profile(path: Path, top: int = 14) -> str:
-    """Where the samples of a py-spy raw (collapsed) file fall: by library and by function."""
-    if not path.exists():
-        return f"  (no profile written: see {path}.log)"
-    leaf_fn, inclusive, area = Counter(), Counter(), Counter()
-    total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        count = int(count)
-        frames = [_strip_line(f) for f in stack.split(";")
-                  if f and not f.startswith(("process ", "thread "))]
-        if not frames:
-            continue
-        total += count
-        leaf_fn[frames[-1]] += count
-        area[_area(frames)] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    if not total:
-        return "  (no samples)"
-    out = [f"  {total} samples (~{total / 250:.1f} s of CPU at 250 Hz)", "  by area (leaf frame):"]
-    for name, count in area.most_common():
-        out.append(f"    {100 * count / total:5.1f}%  {name}")
-    out.append("  top functions, self:")
-    for name, count in leaf_fn.most_common(top):
-        out.append(f"    {100 * count / total:5.1f}%  {name[:150]}")
-    out.append("  top functions, inclusive (dbaas/workers code and big library entry points):")
-    shown = 0
-    for name, count in inclusive.most_common():
-        if shown >= top:
-            break
-        if any(k in name for k in ("(dbaas/", "(workers/", "(bench/", "execute (", "commit (",
-                                    "decode (", "ack (", "_write_frame", "drain_events",
-                                    "compile (", "do_ping", "_receive_callback",
-                                    "EventDispatcher", "send (", "publish (", "on_task_received",
-                                    "apply_async", "_recv", "Request.")):
-            out.append(f"    {100 * count / total:5.1f}%  {name[:150]}")
-            shown += 1
-    return "\n".join(out)
-
-
-AREAS = [
-    ("(psycopg2/", "psycopg2"),
-    ("(sqlalchemy/", "SQLAlchemy (incl. psycopg2 calls and waits on PostgreSQL)"),
-    ("(amqp/", "py-amqp (AMQP framing, socket I/O)"),
-    ("(kombu/", "kombu"),
-    ("(billiard/", "billiard (prefork pool)"),
-    ("(celery/", "Celery"),
-    ("(vine/", "vine"),
-    ("(workers/", "workers (conductor code)"),
-    ("(dbaas/", "dbaas"),
-    ("(bench/", "bench"),
-    ("(json/", "json"),
-    ("(hmac.py", "hmac"),
-    ("(logging/", "logging"),
-]
-
-
-def _strip_line(frame: str) -> str:
-    """'func (pkg/mod.py:123)' -> 'func (pkg/mod.py)'"""
-    head, sep, tail = frame.rpartition(":")
-    return head + ")" if sep and tail.rstrip(")").isdigit() else frame
-
-
-def _area(frames: list) -> str:
-    leaf = frames[-1]
-    for marker, name in AREAS:
-        if marker in leaf:
-            return name
-    # A leaf in the standard library: attribute it to the nearest library frame above.
-    for frame in reversed(frames):
-        for marker, name in AREAS:
-            if marker in frame:
-                return f"{name} -> stdlib"
-    return "other"
-
-
-# --------------------------------------------------------------------------- broker
-
-class Broker:
-    """One connection for publishing (no confirms) and one for watching queue depth."""
-
-    def __init__(self, url: str):
-        from kombu import Connection, Producer
-
-        from dbaas.queues import queue
-        from workers.guestagent.client import guest_app
-
-        self.url = url
-        self.app = guest_app(url, QUEUE)  # only used to build Celery-format messages
-        self.pub_conn = Connection(url, transport_options={"confirm_publish": False})
-        self.pub_channel = self.pub_conn.channel()
-        self.queues = {QUEUE: queue(QUEUE), RAW_QUEUE: queue(RAW_QUEUE)}
-        self.producers = {}
-        for name, q in self.queues.items():
-            q(self.pub_channel).declare()
-            self.producers[name] = Producer(self.pub_channel, exchange=q.exchange,
-                                            routing_key=q.routing_key, serializer="json")
-        self.mon_conn = Connection(url)
-        self.mon_channel = self.mon_conn.channel()
-
-    def publish(self, task_name: str, args: list, auth: dict, queue: str = QUEUE) -> None:
-        from dbaas import wire
-
-        task_id = str(uuid.uuid4())
-        message = self.app.amqp.as_task_v2(task_id, task_name, args, {})
-        headers = message.headers
-        headers[wire.AUTH_HEADER] = auth
-        self.producers[queue].publish(message.body, headers=headers, delivery_mode=2,
-                                      **message.properties)
-
-    def depth(self, queue: str = QUEUE) -> tuple[int, int]:
-        """(messages ready, consumers) by a passive queue_declare."""
-        _name, ready, consumers = self.mon_channel.queue_declare(queue, passive=True)
-        return ready, consumers
-
-    def wait_depth(self, expected: int, queue: str = QUEUE, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            ready, _ = self.depth(queue)
-            if ready == expected:
-                return
-            if ready > expected or time.monotonic() > deadline:
-                raise RuntimeError(f"queue {queue} holds {ready} messages, expected {expected}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        for conn in (self.pub_conn, self.mon_conn):
-            try:
-                conn.release()
-            except Exception:
-                pass
-
-
-# --------------------------------------------------------------------------- bench
 
 class Bench:
     def __init__(self, opts):
         self.opts = opts
-        self.results: dict = {"options": vars(opts).copy(), "rounds": []}
+        self.results: dict = {"options": {k: v for k, v in vars(opts).items()}}
         self.work_dir = Path(tempfile.mkdtemp(prefix="dbaas-bench-"))
         self.service_key = pysecrets.token_hex(32)
-        self.database = None
-        self.vhost = None
-        self.broker: Broker | None = None
+        self.database = self.vhost = None
         self.poll_conn = None
-        self.workers: list[WorkerProcess] = []
-        self.helpers: list = []   # listener processes / profilers to stop in finally
-        self.secrets: dict[str, str] = {}
-        self.latency_ids: list[str] = []
+        self.conductors: list[Conductor] = []
+        self.helpers: list = []
         self.failed = False
-        # Read before setup() rewrites this process's DBAAS_* variables.
         self.passthrough = {k: os.environ[k] for k in PASSTHROUGH if os.environ.get(k)}
+        if opts.batch_size:
+            self.passthrough["DBAAS_HEARTBEAT_BATCH_SIZE"] = str(opts.batch_size)
+        if opts.batch_interval:
+            self.passthrough["DBAAS_HEARTBEAT_BATCH_INTERVAL"] = str(opts.batch_interval)
+        self.serial = 0
 
-    # ----- environment
+    # ------------------------------------------------------------------ environment
 
-    def child_env(self, variant: tuple | None = None, **extra) -> dict:
-        """Environment of a worker: ``env_for`` of tests/conftest.py, plus the batch
-        settings of ``variant`` (size, interval; None keeps the default)."""
+    def child_env(self, **extra) -> dict:
+        """A conductor's environment: ``env_for`` of tests/conftest.py (database, broker,
+        var dir, service key), the batch settings passed through, and, like the tests'
+        ``Stack.worker``, DBAAS_REQUIRE_GUEST_USER_ID=false: this bench impersonates
+        every guest over one broker connection, so RabbitMQ cannot vouch for each one."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DBAAS_")}
         env.update(self.passthrough)
         env["PYTHONPATH"] = str(ROOT)
         env.update(DBAAS_VAR_DIR=str(self.work_dir / "var"), DBAAS_DATABASE_URL=self.database.url,
-                   DBAAS_BROKER_URL=self.vhost.url, DBAAS_SERVICE_KEY=self.service_key)
-        size, interval = (variant or (None, None, None))[:2]
-        if size is not None:
-            env["DBAAS_HEARTBEAT_BATCH_SIZE"] = str(size)
-        if interval is not None:
-            env["DBAAS_HEARTBEAT_BATCH_INTERVAL"] = str(interval)
+                   DBAAS_BROKER_URL=self.vhost.url, DBAAS_SERVICE_KEY=self.service_key,
+                   DBAAS_REQUIRE_GUEST_USER_ID="false")
         env.update(extra)
         return env
 
-    def variant_label(self, variant: tuple) -> str:
-        from dbaas import settings
-        config = settings.load(self.child_env(variant))
-        label = f"size={config.heartbeat_batch_size} interval={config.heartbeat_batch_interval}"
-        app = variant[2] or self.opts.conductor_app
-        return label if app == "dbaas" else f"{label} -A {app}"
-
-    def conductor_app(self, label: str) -> str:
-        return self.variants[label][2] or self.opts.conductor_app
-
     def setup(self) -> None:
-        from tests.services import PostgresDatabase, RabbitVhost
+        from tests.support.services import PostgresDatabase, RabbitVhost
 
         database = PostgresDatabase()
         database.name = f"dbaas_bench_{uuid.uuid4().hex[:12]}"
         database.url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database.name
         self.database = database.create()
         vhost = RabbitVhost()
-        vhost.name = f"dbaas_bench_{uuid.uuid4().hex[:12]}"
+        vhost.name = database.name
         vhost.url = f"amqp://guest:guest@{AMQP_HOST}/{vhost.name}"
         self.vhost = vhost.create()
-        log(f"database {database.name}, vhost {vhost.name}, work dir {self.work_dir}")
-
-        # This process is the control plane's CLI: settings from the environment, read once.
+        log(f"database and vhost {database.name}; logs in {self.work_dir}")
+        # This process plays the operator and the guests: settings from the environment.
         for key in [k for k in os.environ if k.startswith("DBAAS_")]:
             del os.environ[key]
         os.environ.update({k: v for k, v in self.child_env().items() if k.startswith("DBAAS_")})
         from dbaas import migrations, settings
-        config = settings.get()
-        assert config.database_url == database.url and config.broker_url == vhost.url
-        self.variants = {self.variant_label(v): v for v in self.opts.variants}
-        log("conductor batch settings (DBAAS_HEARTBEAT_BATCH_SIZE / _INTERVAL) measured: "
-            + "; ".join(self.variants))
-        migrations.upgrade()                     # `python manage.py db upgrade`
-        self.broker = Broker(vhost.url)
+        self.config = settings.get()
+        assert self.config.database_url == database.url and self.config.broker_url == vhost.url
+        self.prefetch = 2 * self.config.heartbeat_batch_size
+        log(f"conductor settings: DBAAS_HEARTBEAT_BATCH_SIZE={self.config.heartbeat_batch_size}, "
+            f"DBAAS_HEARTBEAT_BATCH_INTERVAL={self.config.heartbeat_batch_interval}; "
+            f"guests' consumer prefetch {self.prefetch}")
+        migrations.upgrade()
         import psycopg2
+        from kombu import Connection
         from sqlalchemy.engine import make_url
+
+        from tests.support.guests import Publisher
         url = make_url(database.url)
         self.dsn = dict(host=url.host, port=url.port or 5432, user=url.username,
                         password=url.password or "", dbname=url.database)
         self.poll_conn = psycopg2.connect(**self.dsn)
         self.poll_conn.autocommit = True
+        self.roles_cursor = self.poll_conn.cursor()
+        self.publisher = Publisher(vhost.url, QUEUE)
+        self.rabbit_pid = listener_pid(int(AMQP_HOST.rsplit(":", 1)[1]), RABBIT_COMMS)
+        self.postmaster_pid = listener_pid(self.dsn["port"], ("postgres",))
+        log(f"RabbitMQ node pid {self.rabbit_pid}, PostgreSQL postmaster pid {self.postmaster_pid} "
+            f"(their process trees are 'RabbitMQ' and 'PostgreSQL'; any other node or cluster is 'other')")
+        self.monitor = Connection(vhost.url)
+        self.monitor_channel = self.monitor.channel()
+
+    def bench_backends(self) -> set[int]:
+        """PostgreSQL backends that are this bench's own (poller, instance creation)."""
+        return {pid for (pid,) in self.sql("SELECT pg_backend_pid()")}
+
+    def accounting(self, conductors: list[Conductor], extra_pids=(), threads=None) -> Accounting:
+        own = self.bench_backends()
+        return Accounting([c.pid for c in conductors], [os.getpid(), *extra_pids],
+                          lambda: pg_roles_query(self.roles_cursor, self.database.name, own), threads,
+                          self.rabbit_pid, self.postmaster_pid)
 
     def teardown(self) -> None:
         for helper in self.helpers:
@@ -561,13 +207,13 @@ class Bench:
                 helper.stop()
             except Exception as exc:
                 log(f"stopping helper: {exc}")
-        for worker in self.workers:
+        self.stop_conductors(list(self.conductors))
+        for closer in (getattr(self, "publisher", None), getattr(self, "monitor", None)):
             try:
-                worker.stop()
-            except Exception as exc:
-                log(f"stopping worker: {exc}")
-        if self.broker:
-            self.broker.close()
+                if closer is not None:
+                    (closer.close if hasattr(closer, "close") else closer.release)()
+            except Exception:
+                pass
         if self.poll_conn is not None:
             self.poll_conn.close()
         try:
@@ -576,18 +222,15 @@ class Bench:
                 db._engine.dispose()
         except Exception:
             pass
-        if self.database is not None and not self.opts.keep:
-            try:
-                self.database.drop()
-            except Exception as exc:
-                log(f"dropping database {self.database.name}: {exc}")
-        if self.vhost is not None and not self.opts.keep:
-            try:
-                self.vhost.drop()
-            except Exception as exc:
-                log(f"deleting vhost {self.vhost.name}: {exc}")
+        if not self.opts.keep:
+            for what, thing in (("database", self.database), ("vhost", self.vhost)):
+                if thing is not None:
+                    try:
+                        thing.drop()
+                    except Exception as exc:
+                        log(f"dropping {what} {thing.name}: {exc}")
         if self.failed or self.opts.keep:
-            log(f"worker logs kept in {self.work_dir}")
+            log(f"conductor logs kept in {self.work_dir}")
         else:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -596,389 +239,185 @@ class Bench:
             cur.execute(statement, params)
             return cur.fetchall() if cur.description else []
 
-    # ----- phase 1
+    def depth(self) -> tuple[int, int]:
+        """(messages ready, consumers) of the guests' queue."""
+        _name, ready, consumers = self.monitor_channel.queue_declare(QUEUE, passive=True)
+        return ready, consumers
+
+    # ------------------------------------------------------------------ instances
 
     def create_instances(self) -> None:
-        from dbaas import db
-        from dbaas.instances import create_instance
-
-        total = self.opts.instances + self.opts.rate * self.opts.seconds
-        started = time.perf_counter()
-        ids = []
-        for first in range(0, total, 1000):
-            with db.session_scope() as session:
-                created = [create_instance(session, f"bench-{n}")
-                           for n in range(first, min(total, first + 1000))]
-                for instance, secret in created:
-                    self.secrets[instance.id] = secret
-                    ids.append(instance.id)
-        self.drain_ids = ids[:self.opts.instances]
-        self.latency_ids = ids[self.opts.instances:]
-        log(f"created {total} instances in {time.perf_counter() - started:.1f}s "
-            f"({self.opts.instances} for the drains, {len(self.latency_ids)} for latency)")
-
-    # ----- messages
-
-    def publish_heartbeat(self, instance_id: str, status: str, sent: float) -> None:
-        from dbaas import signing, wire
-
-        args = [instance_id, {"service_status": status, "guest_agent_version": "1.0"}, sent]
-        auth = signing.auth_header(signing.instance_principal(instance_id),
-                                   self.secrets[instance_id], wire.HEARTBEAT_TASK, args, {})
-        self.broker.publish(wire.HEARTBEAT_TASK, args, auth)
-
-    def publish_noops(self, count: int, queue: str = QUEUE) -> float:
-        """Messages shaped like heartbeats (same args, a service signature), ``count``."""
         from dbaas import signing
+        from tests.support.stack import make_instances
 
-        ids = self.drain_ids
+        opts = self.opts
+        fleet = opts.fleet or int(max(rate for rate, _ in opts.rates) * opts.heartbeat_interval
+                               if "latency" in opts.only and opts.rates else 0)
         started = time.perf_counter()
-        now = time.time()
-        for n in range(count):
-            args = [ids[n % len(ids)], {"service_status": "running", "guest_agent_version": "1.0"},
-                    now + n * 1e-6]
-            auth = signing.auth_header(signing.SERVICE_PRINCIPAL, self.service_key,
-                                       "conductor.noop", args, {})
-            self.broker.publish("conductor.noop", args, auth, queue=queue)
-        self.broker.wait_depth(count, queue)
-        return count / (time.perf_counter() - started)
+        groups = {}
+        for name, count in (("drain", opts.instances), ("probes", PROBES), ("deleted", opts.deleted),
+                            ("fleet", fleet)):
+            group: dict[str, str] = {}
+            while len(group) < count:
+                group.update(make_instances(min(5000, count - len(group))))
+            groups[name] = group
+        self.drain, self.probes, self.deleted, self.fleet = (groups[k] for k in ("drain", "probes", "deleted", "fleet"))
+        made = {k: v for group in groups.values() for k, v in group.items()}
+        self.sql("UPDATE instances SET deleted = true, deleted_at = now() WHERE id = ANY(%s)",
+                 (list(self.deleted),))
+        assert all(made[i] == signing.guest_secret(self.service_key, i, 1) for i in list(made)[:3])
+        self.drain_ids = list(self.drain)
+        self.sql("VACUUM (ANALYZE) instances")
+        from dbaas import db
+        db.engine().dispose()   # its idle connections would be counted as the conductors'
+        log(f"created {len(made)} instances in {time.perf_counter() - started:.1f}s: "
+            f"{len(self.drain)} for the drains, {len(self.fleet)} for the latency phase "
+            f"({opts.heartbeat_interval:g} s heartbeat interval at the highest rate), "
+            f"{PROBES} probes, {len(self.deleted)} deleted")
 
-    # ----- drains
+    # ------------------------------------------------------------------ conductors
 
-    def start_worker(self, app_module: str, name: str, variant: tuple | None = None,
-                     **env) -> WorkerProcess:
-        worker = WorkerProcess(app_module, self.child_env(variant, **env),
-                               self.work_dir / f"{name}.log", name, self.opts.concurrency)
-        self.workers.append(worker)
-        return worker.start()
+    def start_conductors(self, count: int, label: str, probe: bool = True, **env) -> list[Conductor]:
+        """Start ``count`` conductors; return once each one's consumer is on the queue and
+        each has applied a probe heartbeat (its loop runs; its start-up is over)."""
+        started = []
+        for k in range(count):
+            self.serial += 1
+            name = f"{label}-{k + 1}-{self.serial}"
+            conductor = Conductor(self.child_env(**env), self.work_dir / f"{name}.log", name).start()
+            self.conductors.append(conductor)
+            started.append(conductor)
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + 120
+        while self.depth()[1] < count:
+            for conductor in started:
+                conductor.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} consumers not on the queue within 120 s:\n"
+                                   + started[0].log_tail())
+            time.sleep(0.02)
+        consuming = time.perf_counter() - t0
+        if probe:
+            self.probe(started)
+        for conductor in started:
+            conductor.startup = {"consumer_s": consuming, "ready_s": time.perf_counter() - t0}
+        time.sleep(0.5)
+        return started
 
-    def stop_worker(self, worker: WorkerProcess) -> None:
-        worker.stop()
-        self.workers.remove(worker)
-
-    def wait_consuming(self, worker: WorkerProcess, expected: int, timeout: float = 120) -> float:
-        """perf_counter() when the worker's consumer is first seen (or the queue shrinks)."""
+    def probe(self, conductors: list[Conductor], timeout: float = 60) -> None:
+        """One valid heartbeat per probe instance; wait until all are applied."""
+        sent = time.time()
+        for instance_id, secret in self.probes.items():
+            self.publisher.heartbeat(instance_id, secret, sent, "running")
         deadline = time.monotonic() + timeout
         while True:
-            ready, consumers = self.broker.depth()
-            if consumers or ready < expected:
-                return time.perf_counter()
-            worker.check_alive()
+            [(applied,)] = self.sql("SELECT count(*) FROM watermarks WHERE kind = 'heartbeat' "
+                                    "AND key = ANY(%s) AND sent >= %s", (list(self.probes), sent - 1e-6))
+            if applied == len(self.probes):
+                return
+            for conductor in conductors:
+                conductor.check_alive()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not consume within {timeout}s:\n{worker.log_tail()}")
-            time.sleep(0.005)
+                raise RuntimeError("probe heartbeats not applied:\n" + conductors[0].log_tail())
+            time.sleep(0.02)
 
-    def drain(self, worker: WorkerProcess, count: int, done, label: str, profile: bool) -> dict:
-        """Time from first consumption to ``done()`` with an empty queue."""
-        profiler = None
-        t0 = self.wait_consuming(worker, count)
-        cpu = CpuWindow(self, worker.pid).start()
-        if profile:
-            profiler = Profiler(worker.pid, Path(self.opts.profile) / f"{label}.txt",
-                                subprocesses=label.startswith("floor"))
-            self.helpers.append(profiler)
-        marks = {}
-        deadline = time.monotonic() + max(180.0, count / 50)
-        polls = 0
-        try:
-            while True:
-                now = time.perf_counter()
-                ready, _ = self.broker.depth()
-                for fraction in (0.9, 0.1):
-                    if fraction not in marks and ready <= fraction * count:
-                        marks[fraction] = now
-                if ready == 0:
-                    marks.setdefault(0.0, now)
-                    polls += 1
-                    if done():
-                        t_end = time.perf_counter()
-                        usage = cpu.stop()
-                        break
-                worker.check_alive()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{label}: not done within the time limit:\n{worker.log_tail()}")
-                time.sleep(0.01)
-        finally:
-            if profiler:
-                profiler.stop()
-                self.helpers.remove(profiler)
-        elapsed = t_end - t0
-        steady = (0.8 * count / (marks[0.1] - marks[0.9])
-                  if 0.9 in marks and 0.1 in marks and marks[0.1] > marks[0.9] else float("nan"))
-        result = {"seconds": elapsed, "rate": count / elapsed, "steady_rate": steady,
-                  # from "no message ready in the queue" to done: the last batches
-                  "tail_seconds": t_end - marks.get(0.0, t_end),
-                  "done_polls": polls, "profiled": profile, "cpu": usage,
-                  "worker_cpu_us_per_msg": usage["worker_cpu_s"] / count * 1e6,
-                  "pg_cpu_us_per_msg": usage["pg_backend_cpu_s"] / count * 1e6}
-        if profiler:
-            result["profile"] = str(profiler.out)
-        return result
+    def stop_conductors(self, conductors: list[Conductor]) -> None:
+        for conductor in conductors:
+            conductor.signal_group(signal.SIGCONT)
+        for conductor in conductors:
+            try:
+                conductor.stop()
+            except Exception as exc:
+                log(f"stopping conductor {conductor.name}: {exc}")
+            if conductor in self.conductors:
+                self.conductors.remove(conductor)
 
-    def floor_round(self, round_no: int) -> dict:
-        n = self.opts.messages
-        counter = self.work_dir / f"noop-counter-{round_no}"
-        counter.touch()
-        pub_rate = self.publish_noops(n)
-        worker = self.start_worker("bench.noop_app", f"floor-r{round_no}",
-                                   BENCH_NOOP_COUNTER=str(counter))
-        try:
-            result = self.drain(worker, n, lambda: counter.stat().st_size >= n,
-                                f"floor-r{round_no}", bool(self.opts.profile))
-        finally:
-            self.stop_worker(worker)
-        completions = counter.stat().st_size
-        left, _ = self.broker.depth()
-        errors = _log_problems(worker.log_text())
-        result.update(publish_rate=pub_rate, completions=completions, left_in_queue=left,
-                      log_problems=errors,
-                      ok=completions == n and left == 0 and not errors)
-        log(f"round {round_no} floor     : {result['rate']:8.0f} msg/s "
-            f"(steady {result['steady_rate']:.0f}/s, {result['seconds']:.2f}s of which tail {result['tail_seconds']:.2f}s; {_cpu_text(result)}; published at "
-            f"{pub_rate:.0f}/s; completions {completions}/{n}, left {left}"
-            f"{', log: ' + '; '.join(errors) if errors else ''})")
-        return result
+    # ------------------------------------------------------------------ publishing
+
+    def publish_all(self, messages: list[dict], held: int, consumers: list[Conductor] = ()) -> dict:
+        """Publish ``messages`` (kombu publish kwargs) as fast as one producer can, then
+        wait until the broker holds them all: ``ready`` reaches len - what the (frozen)
+        consumers' prefetch took, and stays there. Returns the rate and RabbitMQ's and
+        the publisher's CPU per message."""
+        acct = self.accounting(consumers)
+        started = time.perf_counter()
+        publish = self.publisher.producer.publish
+        for message in messages:
+            publish(**message)
+        n = len(messages)
+        floor = max(0, n - held)
+        deadline, last, stable = time.monotonic() + 120, None, 0
+        while True:
+            ready, _ = self.depth()
+            stable = stable + 1 if ready == last and floor <= ready <= n else 0
+            last = ready
+            if stable >= 3 and (ready == floor or stable >= 20):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{ready} of {n} messages in the queue after 120 s")
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        cpu = acct.delta()
+        return {"rate": n / elapsed, "seconds": elapsed,
+                "rabbitmq_us_per_msg": cpu["cpu_s"]["rabbitmq"] / n * 1e6,
+                "publisher_us_per_msg": cpu["cpu_s"]["bench"] / n * 1e6, "cpu": cpu}
+
+    # ------------------------------------------------------------------ drains
 
     def reset_heartbeat_state(self) -> None:
-        self.sql("TRUNCATE watermarks")
+        self.sql("DELETE FROM watermarks WHERE kind = 'heartbeat' AND key = ANY(%s)", (self.drain_ids,))
         self.sql("UPDATE instances SET service_status = NULL, service_status_updated = NULL, "
-                 "last_heartbeat = NULL, guest_agent_version = NULL, task_status = 'BUILDING'")
-        self.sql("VACUUM (ANALYZE) instances, watermarks, guest_credentials")
+                 "last_heartbeat = NULL, guest_agent_version = NULL WHERE id = ANY(%s)", (self.drain_ids,))
+        self.sql("VACUUM (ANALYZE) instances, watermarks")
 
-    def heartbeat_round(self, round_no: int, label: str) -> dict:
+    def drain_messages(self) -> tuple[list[dict], dict, float]:
+        """N heartbeats for the M drain instances, shuffled: strictly increasing ``sent``
+        per instance; each instance's newest message carries a status none of its older
+        ones carries, so an older message applied after the newest one shows."""
+        from workers.guestagent.client import build_message
+
+        from dbaas import wire
         n, ids = self.opts.messages, self.drain_ids
-        self.reset_heartbeat_state()
-        final = time.time() - 1.0          # every instance's newest `sent`
-        messages, newest = [], {}
+        final = time.time() - 1.0
         per_instance = Counter(ids[k % len(ids)] for k in range(n))
+        plan, newest = [], {}
         for instance_id, count in per_instance.items():
+            last = random.choice(STATUSES)
+            others = [s for s in STATUSES if s != last]
             for k in range(count):
-                status = random.choice(STATUSES)
-                messages.append((instance_id, final - (count - 1 - k) * 1e-3, status))
-            newest[instance_id] = status
-        random.shuffle(messages)
-        started = time.perf_counter()
-        for instance_id, sent, status in messages:
-            self.publish_heartbeat(instance_id, status, sent)
-        self.broker.wait_depth(n)
-        pub_rate = n / (time.perf_counter() - started)
-        expected = len(newest)
-        commits_before = self.commits()
+                status = last if k == count - 1 else random.choice(others)
+                plan.append((instance_id, final - (count - 1 - k) * 1e-3, status))
+            newest[instance_id] = last
+        random.shuffle(plan)
+        messages = [build_message(i, self.drain[i], 1, wire.HEARTBEAT_TASK,
+                                  [i, {"service_status": s, "guest_agent_version": "1.0"}, sent])
+                    for i, sent, s in plan]
+        return messages, newest, final
 
-        def done():
-            [(applied,)] = self.sql(
-                "SELECT count(*) FROM watermarks WHERE kind = 'heartbeat' AND sent >= %s",
-                (final - 5e-4,))
-            return applied >= expected
-
-        name = f"heartbeats-{_slug(label)}-r{round_no}"
-        worker = self.start_worker(self.conductor_app(label), name, self.variants[label])
-        try:
-            result = self.drain(worker, n, done, name, bool(self.opts.profile))
-            time.sleep(0.5)   # let any in-flight (stale) message be acknowledged
-        finally:
-            self.stop_worker(worker)
-        left, _ = self.broker.depth()
-        # Our own polls are counted too: subtract them (and the 2 statements of commits()).
-        commits = self.commits() - commits_before - result["done_polls"] - 2
-        check = self.verify_heartbeats(newest, final)
-        problems = _log_problems(worker.log_text())
-        rejected = worker.log_text().count("rejected ")
-        result.update(publish_rate=pub_rate, left_in_queue=left, log_problems=problems,
-                      rejected=rejected, approx_commits=commits,
-                      approx_rows_per_commit=n / commits if commits > 0 else float("nan"),
-                      mismatches=check["mismatches"],
-                      ok=not check["mismatches"] and left == 0 and not rejected and not problems)
-        log(f"round {round_no} heartbeats {label}: {result['rate']:8.0f} msg/s "
-            f"(steady {result['steady_rate']:.0f}/s, {result['seconds']:.2f}s of which tail {result['tail_seconds']:.2f}s; {_cpu_text(result)}; published at "
-            f"{pub_rate:.0f}/s; ~{commits} commits, ~{result['approx_rows_per_commit']:.0f} "
-            f"msgs/commit; left {left}; rejected {rejected}; "
-            f"correctness {'OK' if not check['mismatches'] else check['mismatches']})")
-        return result
-
-    def commits(self) -> int:
-        """Transactions committed in the bench database (pg_stat_database; the worker's are
-        flushed when it disconnects, ours by pg_stat_force_next_flush)."""
-        self.sql("SELECT pg_stat_force_next_flush()")
-        time.sleep(0.2)
-        [(value,)] = self.sql("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
-                              (self.database.name,))
-        return int(value)
-
-    def verify_heartbeats(self, newest: dict, final: float) -> dict:
-        marks = dict(self.sql("SELECT key, sent FROM watermarks WHERE kind = 'heartbeat'"))
-        statuses = dict(self.sql("SELECT id, service_status FROM instances WHERE id = ANY(%s)",
-                                 (list(newest),)))
-        wrong_mark = [i for i in newest if marks.get(i) is None or abs(marks[i] - final) > 1e-6]
-        wrong_status = [i for i, s in newest.items() if statuses.get(i) != s]
-        mismatches = {}
-        if wrong_mark:
-            mismatches["watermark"] = len(wrong_mark)
-        if wrong_status:
-            mismatches["service_status"] = len(wrong_status)
-        return {"mismatches": mismatches}
-
-    # ----- latency
-
-    def latency(self, label: str) -> dict:
-        """One steady-rate phase; the latency instances are reused by every variant (each
-        gets one message per phase, newer than the previous phase's)."""
-        opts = self.opts
-        self.sql(f"""
-            CREATE OR REPLACE FUNCTION bench_notify_commit() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                PERFORM pg_notify('{NOTIFY_CHANNEL}', (txid_current() % 4294967296)::text);
-                RETURN NULL;
-            END $$""")
-        self.sql("CREATE OR REPLACE TRIGGER bench_notify_commit AFTER INSERT ON watermarks "
-                 "FOR EACH STATEMENT EXECUTE FUNCTION bench_notify_commit()")
-        name = f"latency-{_slug(label)}"
-        worker = self.start_worker(self.conductor_app(label), name, self.variants[label])
-        listener = Listener(self.dsn, self.work_dir / f"commits-{_slug(label)}.txt", worker.pid)
-        profiler = None
-        try:
-            self.wait_consuming(worker, 0)
-            self.helpers.append(listener)
-            listener.start()
-            # Warm-up: one second at the same rate on the drain instances (not measured),
-            # until the conductor has applied all of it.
-            warm_sent = time.time()
-            warm = [self.drain_ids[k % len(self.drain_ids)] for k in range(min(opts.rate, len(self.drain_ids)))]
-            self._paced(warm, opts.rate, lambda i: warm_sent + i * 1e-6)
-            self._wait_applied(lambda: self.sql(
-                "SELECT count(*) FROM watermarks WHERE kind = 'heartbeat' AND sent >= %s",
-                (warm_sent - 5e-4,))[0][0] >= len(set(warm)), worker, "warm-up heartbeats")
-            if opts.profile:
-                profiler = Profiler(worker.pid, Path(opts.profile) / f"{name}.txt", False)
-                self.helpers.append(profiler)
-            lat_start = time.time()
-            cpu = CpuWindow(self, worker.pid, [listener.process.pid]).start()
-            lags, first, last = self._paced(self.latency_ids, opts.rate, None)
-            publish_seconds = last - first
-            achieved = (len(self.latency_ids) - 1) / publish_seconds if publish_seconds > 0 else float("nan")
-            self._wait_applied(lambda: self.sql(
-                "SELECT count(*) FROM watermarks WHERE kind = 'heartbeat' AND sent >= %s",
-                (lat_start,))[0][0] >= len(self.latency_ids), worker, "every steady-rate heartbeat")
-            usage = cpu.stop()
-        finally:
-            if profiler:
-                profiler.stop()
-                self.helpers.remove(profiler)
-            if listener in self.helpers:
-                listener.stop()
-                self.helpers.remove(listener)
-            self.stop_worker(worker)
-        commit_times, samples = listener.read()
-        rows = self.sql(
-            "SELECT w.key, w.sent, (w.xmin::text)::bigint, i.last_heartbeat FROM watermarks w "
-            "JOIN instances i ON i.id = w.key WHERE w.kind = 'heartbeat' AND w.key = ANY(%s)",
-            (self.latency_ids,))
-        commit_ms, apply_ms, missing, by_second = [], [], 0, {}
-        for _key, sent, xid, last_heartbeat in rows:
-            if xid in commit_times:
-                latency_ms = (commit_times[xid] - sent) * 1000
-                commit_ms.append(latency_ms)
-                by_second.setdefault(int(sent - lat_start), []).append(latency_ms)
-            else:
-                missing += 1
-            if last_heartbeat is not None:
-                apply_ms.append((last_heartbeat.replace(tzinfo=timezone.utc).timestamp() - sent) * 1000)
-        commit_ms.sort()
-        apply_ms.sort()
-        # Per transaction (= batch): its size, and batch start -> commit (the conductor's
-        # clock at the start of the batch, ``last_heartbeat``, to the NOTIFY at commit).
-        batches: dict[int, list] = {}
-        for _key, _sent, xid, last_heartbeat in rows:
-            batches.setdefault(xid, [last_heartbeat, 0])[1] += 1
-        service_ms = sorted(
-            (commit_times[xid] - start.replace(tzinfo=timezone.utc).timestamp()) * 1000
-            for xid, (start, _size) in batches.items() if xid in commit_times and start)
-        batch_sizes = sorted(size for _start, size in batches.values())
-        per_second = {}
-        for second, values in sorted(by_second.items()):
-            values.sort()
-            cpu_samples = [sample[1:] for sample in samples
-                           if second <= sample[0] - lat_start < second + 1]
-            lag_max = max((lag for sent, lag in lags if int(sent - lat_start) == second), default=0.0)
-            per_second[second] = {
-                "n": len(values), "p50": percentile(values, 50), "p99": percentile(values, 99),
-                "max": values[-1], "publisher_lag_max_ms": lag_max * 1000,
-                "cores": {key: _mean([sample[k] for sample in cpu_samples])
-                          for k, key in enumerate(SAMPLE_KEYS)},
-                "runnable": _mean([sample[-1] for sample in cpu_samples]),
-            }
-        lags = sorted(lag for _sent, lag in lags)
-        problems = _log_problems(worker.log_text())
-        result = {
-            "published": len(self.latency_ids), "target_rate": opts.rate,
-            "achieved_rate": achieved, "publish_seconds": publish_seconds,
-            "publisher_lag_ms": {"p50": percentile(lags, 50) * 1000, "p99": percentile(lags, 99) * 1000,
-                                 "max": lags[-1] * 1000 if lags else float("nan")},
-            "applied": len(rows), "missing_commit_times": missing,
-            "commit_ms": _stats(commit_ms), "batch_start_ms": _stats(apply_ms),
-            "batch_service_ms": _stats(service_ms), "batch_size": _stats(batch_sizes),
-            "log_problems": problems, "profiled": bool(opts.profile),
-            "transactions": len(set(x for _k, _s, x, _l in rows)),
-            "per_second": per_second, "cpu": usage,
-            "worker_cpu_us_per_msg": usage["worker_cpu_s"] / len(self.latency_ids) * 1e6,
-            "pg_cpu_us_per_msg": usage["pg_backend_cpu_s"] / len(self.latency_ids) * 1e6,
-        }
-        if profiler:
-            result["profile"] = str(profiler.out)
-        c = result["commit_ms"]
-        log(f"latency {label}: published {result['published']} at {achieved:.0f}/s (target {opts.rate}/s; "
-            f"publisher lag p99 {result['publisher_lag_ms']['p99']:.2f} ms); "
-            f"{result['applied']} applied in {result['transactions']} transactions; "
-            f"send->commit p50 {c['p50']:.1f} p90 {c['p90']:.1f} p99 {c['p99']:.1f} "
-            f"max {c['max']:.1f} ms; missing commit times {missing}")
-        return result
-
-    def _paced(self, ids: list, rate: float, sent_for):
-        """Publish one heartbeat per id on the schedule start + i/rate (absolute, so a late
-        message does not shift the ones after it). Returns ([(sent, lag)], first, last)."""
-        lags = []
-        start = time.monotonic() + 0.05
-        first = last = start
-        for i, instance_id in enumerate(ids):
-            target = start + i / rate
-            delay = target - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            now = time.monotonic()
-            if i == 0:
-                first = now
-            sent = time.time() if sent_for is None else sent_for(i)
-            lags.append((sent, max(0.0, now - target)))
-            self.publish_heartbeat(instance_id, "running", sent)
-            last = now
-        return lags, first, last
-
-    def _wait_applied(self, predicate, worker: WorkerProcess, what: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            worker.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}:\n{worker.log_tail()}")
-            time.sleep(0.05)
-
-    # ----- raw broker floor
-
-    def raw_floor(self, prefetch: int) -> dict:
+    def raw_floor(self, label: str) -> dict:
+        """A plain kombu consumer in this process that only acknowledges (one basic.ack per
+        message), prefetch = the conductor's guests' consumer's, on the same queue and
+        the same kind of messages as the conductor's drain."""
         from kombu import Connection, Consumer
 
-        n = min(self.opts.messages, self.opts.raw_messages)
-        self.publish_noops(n, queue=RAW_QUEUE)
+        from dbaas.queues import queue
+        messages, _newest, _final = self.drain_messages()
+        n = len(messages)
+        pub = self.publish_all(messages, held=0)
         got = [0]
+        marks = {}
         with Connection(self.vhost.url) as conn:
             channel = conn.channel()
 
             def on_message(message):
                 message.ack()
                 got[0] += 1
+                if got[0] == n // 10 or got[0] == n - n // 10:
+                    marks[got[0]] = time.perf_counter()
 
-            consumer = Consumer(channel, queues=[self.broker.queues[RAW_QUEUE]],
-                                on_message=on_message, prefetch_count=prefetch, no_ack=False)
+            consumer = Consumer(channel, queues=[queue(QUEUE)], on_message=on_message,
+                                prefetch_count=self.prefetch, no_ack=False)
+            acct = self.accounting([], threads={"raw consumer": os.getpid()})
             started = time.perf_counter()
             deadline = time.monotonic() + max(120.0, n / 100)
             with consumer:
@@ -990,282 +429,835 @@ class Bench:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"raw consumer got {got[0]}/{n}")
             elapsed = time.perf_counter() - started
+            cpu = acct.delta()
             channel.close()
-        rate = n / elapsed
-        log(f"raw broker floor (kombu consumer, acks only, prefetch {prefetch}): {rate:.0f} msg/s")
-        return {"prefetch": prefetch, "rate": rate, "seconds": elapsed}
+        steady = (n - 2 * (n // 10)) / (marks[n - n // 10] - marks[n // 10]) if len(marks) == 2 else float("nan")
+        runq = runqueue_share(cpu, "raw consumer")
+        result = {"label": label, "prefetch": self.prefetch, "messages": n, "rate": n / elapsed,
+                  "steady_rate": steady, "seconds": elapsed, "publish": pub, "cpu": cpu,
+                  "runqueue_share": runq, "corrected_rate": n / (elapsed * (1 - runq)),
+                  "consumer_us_per_msg": cpu["cpu_s"]["bench"] / n * 1e6,
+                  "rabbitmq_us_per_msg": cpu["cpu_s"]["rabbitmq"] / n * 1e6}
+        log(f"{label}: raw floor {result['rate']:.0f} msg/s (steady {steady:.0f}/s; prefetch "
+            f"{self.prefetch}, one ack per message; consumer {result['consumer_us_per_msg']:.0f} us/msg, "
+            f"RabbitMQ {result['rabbitmq_us_per_msg']:.0f} us/msg); {split_text(cpu)}; {threads_text(cpu)}")
+        return result
 
-    # ----- orchestration
+    def conductor_drain(self, count: int, label: str) -> dict:
+        """``count`` conductors started and idle, frozen (SIGSTOP to their own process
+        groups) while the backlog is published, thawed together: the drain is timed from
+        the thaw until every drain instance's watermark is at its newest ``sent`` and the
+        queue holds nothing ready."""
+        opts = self.opts
+        self.reset_heartbeat_state()
+        messages, newest, final = self.drain_messages()
+        n = len(messages)
+        conductors = self.start_conductors(count, label)
+        profiler = None
+        try:
+            for conductor in conductors:
+                conductor.freeze()
+            pub = self.publish_all(messages, held=count * self.prefetch, consumers=conductors)
+            commits_before = self.commits()
+            if opts.profile:
+                profiler = Profiler(conductors[0].pid, Path(opts.profile) / f"{label}.txt")
+                self.helpers.append(profiler)
+            acct = self.accounting(conductors)
+            started = time.perf_counter()
+            for conductor in conductors:
+                conductor.thaw()
+            marks, polls, db_polls = {}, 0, 0
+            deadline = time.monotonic() + max(180.0, n / 50)
+            high, low = int(n * 0.9), int(n * 0.1)
+            while True:
+                now = time.perf_counter()
+                ready, _ = self.depth()
+                polls += 1
+                if ready <= high and "high" not in marks:
+                    marks["high"] = (now, ready)
+                if ready <= low and "low" not in marks:
+                    marks["low"] = (now, ready)
+                if ready == 0:
+                    marks.setdefault("empty", now)
+                    db_polls += 1
+                    [(applied,)] = self.sql(
+                        "SELECT count(*) FROM watermarks WHERE kind = 'heartbeat' AND sent "
+                        "BETWEEN %s AND %s", (final - 5e-4, final + 5e-4))
+                    if applied >= len(newest):
+                        break
+                for conductor in conductors:
+                    conductor.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{label}: not drained in time:\n{conductors[0].log_tail()}")
+                time.sleep(0.005)
+            elapsed = time.perf_counter() - started
+            cpu = acct.delta()
+            if profiler:
+                profiler.stop()
+                self.helpers.remove(profiler)
+            time.sleep(0.3)   # the last multiple-ack; stale stragglers
+            memory = [c.memory() for c in conductors]
+        finally:
+            if profiler and profiler in self.helpers:
+                profiler.stop()
+                self.helpers.remove(profiler)
+            self.stop_conductors(conductors)
+        left, _ = self.depth()
+        commits = self.commits() - commits_before - db_polls - 2
+        check = self.verify_drain(newest, final)
+        problems = [p for c in conductors for p in log_problems(c.log_text())]
+        (hi_t, hi_r), (lo_t, lo_r) = marks.get("high", (started, n)), marks.get("low", (started, 0))
+        steady = (hi_r - lo_r) / (lo_t - hi_t) if lo_t > hi_t else float("nan")
+        runq = runqueue_share(cpu, "conductor")
+        result = {
+            "label": label, "conductors": count, "messages": n, "rate": n / elapsed,
+            "steady_rate": steady, "seconds": elapsed, "runqueue_share": runq,
+            "corrected_rate": n / (elapsed * (1 - runq)),
+            "tail_seconds": elapsed - (marks.get("empty", started + elapsed) - started),
+            "publish": pub, "cpu": cpu, "memory": memory,
+            "startup_s": [c.startup for c in conductors],
+            "conductor_us_per_msg": cpu["cpu_s"]["conductors"] / n * 1e6,
+            "conductor_main_us_per_msg": sum(cpu["conductor_main"]) * cpu["wall"] / n * 1e6,
+            "rabbitmq_us_per_msg": cpu["cpu_s"]["rabbitmq"] / n * 1e6,
+            "postgres_us_per_msg": cpu["cpu_s"]["postgres"] / n * 1e6,
+            "approx_commits": commits, "msgs_per_commit": n / commits if commits > 0 else float("nan"),
+            "left_in_queue": left, "mismatches": check, "log_problems": problems,
+            "ok": not check and left == 0 and not problems,
+        }
+        if profiler:
+            result["profile"] = str(profiler.out)
+        log(f"{label}: {count} conductor(s) {result['rate']:.0f} msg/s (steady {steady:.0f}/s, "
+            f"{elapsed:.2f}s, tail {result['tail_seconds']:.2f}s); conductors "
+            f"{result['conductor_us_per_msg']:.0f} us/msg (main process "
+            f"{result['conductor_main_us_per_msg']:.0f}), RabbitMQ {result['rabbitmq_us_per_msg']:.0f}, "
+            f"PostgreSQL {result['postgres_us_per_msg']:.0f} us/msg; ~{result['msgs_per_commit']:.0f} "
+            f"msgs/commit; {split_text(cpu)}; {threads_text(cpu)}; left {left}; "
+            f"{'OK' if result['ok'] else 'FAILED ' + str(check) + ' ' + str(problems)}")
+        return result
+
+    def commits(self) -> int:
+        """Transactions committed in the bench database so far (pg_stat_database; the
+        conductors' counts are flushed at the latest when they disconnect)."""
+        self.sql("SELECT pg_stat_force_next_flush()")
+        time.sleep(0.2)
+        [(value,)] = self.sql("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
+                              (self.database.name,))
+        return int(value)
+
+    def verify_drain(self, newest: dict, final: float) -> dict:
+        rows = self.sql(
+            "SELECT i.id, w.sent, i.service_status, i.last_heartbeat FROM instances i LEFT JOIN "
+            "watermarks w ON w.kind = 'heartbeat' AND w.key = i.id WHERE i.id = ANY(%s)", (list(newest),))
+        wrong = Counter()
+        for instance_id, sent, status, last_heartbeat in rows:
+            if sent is None or abs(sent - final) > 1e-6:
+                wrong["watermark not at the newest sent"] += 1
+            if status != newest[instance_id]:
+                wrong["service_status not the newest message's"] += 1
+            if last_heartbeat is None:
+                wrong["no last_heartbeat"] += 1
+        if len(rows) != len(newest):
+            wrong["instances missing"] += len(newest) - len(rows)
+        return dict(wrong)
+
+    # ------------------------------------------------------------------ latency
+
+    def install_commit_triggers(self) -> None:
+        """In the bench database only: every statement that writes watermarks logs the
+        rows it changed with its transaction id (bench_applied) and sends NOTIFY with it."""
+        self.sql("CREATE UNLOGGED TABLE IF NOT EXISTS bench_applied (key text, sent double precision, xid bigint)")
+        self.sql("""
+            CREATE OR REPLACE FUNCTION bench_log_applied() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO bench_applied SELECT key, sent, txid_current() FROM new_rows;
+                PERFORM pg_notify('bench_commit', txid_current()::text);
+                RETURN NULL;
+            END $$""")
+        for event in ("INSERT", "UPDATE"):
+            self.sql(f"CREATE OR REPLACE TRIGGER bench_applied_{event.lower()} AFTER {event} ON watermarks "
+                     f"REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_log_applied()")
+
+    def start_listener(self, conductors: list[Conductor], name: str):
+        out = self.work_dir / f"listener-{name}.txt"
+        config = {"dsn": self.dsn, "database": self.database.name, "out": str(out),
+                  "conductor_pids": [c.pid for c in conductors], "bench_pids": [os.getpid()],
+                  "bench_backends": sorted(self.bench_backends()), "broker_url": self.vhost.url,
+                  "queue": QUEUE, "rabbit_pid": self.rabbit_pid, "postmaster_pid": self.postmaster_pid}
+        process = subprocess.Popen([sys.executable, "-m", "bench.hb.listener", json.dumps(config)],
+                                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                   stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        if not ready or not process.stdout.readline().startswith(b"listening"):
+            raise RuntimeError("commit listener did not start")
+        listener = _Helper(process, out)
+        self.helpers.append(listener)
+        return listener
+
+    def paced(self, targets, rate: float, seconds: float | None, until=None) -> dict:
+        """Heartbeats on the absolute schedule start + i/rate, each signed at its send time
+        (``sent`` = time.time() then), to ``targets`` in turn, for ``seconds`` or until
+        ``until()`` holds (checked every 20 ms). Returns what was sent and how late."""
+        from workers.guestagent.client import build_message
+
+        from dbaas import wire
+        publish = self.publisher.producer.publish
+        sent_list, lags = [], []
+        start = time.monotonic() + 0.02
+        total = int(rate * seconds) if seconds is not None else None
+        next_check = start
+        i = 0
+        while total is None or i < total:
+            target = start + i / rate
+            now = time.monotonic()
+            if until is not None and now >= next_check:
+                next_check = now + 0.02
+                if until():
+                    break
+            if target > now:
+                time.sleep(min(target - now, 0.02) if until is not None else target - now)
+                continue
+            instance_id, secret = targets(i)
+            sent = time.time()
+            publish(**build_message(instance_id, secret, 1, wire.HEARTBEAT_TASK,
+                                    [instance_id, {"service_status": "running", "guest_agent_version": "1.0"}, sent]))
+            sent_list.append((instance_id, sent))
+            lags.append(now - target)
+            i += 1
+        first, last = (sent_list[0][1], sent_list[-1][1]) if sent_list else (0.0, 0.0)
+        return {"sent": sent_list, "lags": sorted(lags), "first": first, "last": last,
+                "achieved_rate": (len(sent_list) - 1) / (last - first) if last > first else float("nan")}
+
+    def wait_applied(self, instance_id: str, sent: float, conductors, what: str, timeout: float = 300) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.sql("SELECT sent FROM watermarks WHERE kind = 'heartbeat' AND key = %s", (instance_id,))
+            if rows and rows[0][0] >= sent - 1e-6 and self.depth()[0] == 0:
+                return time.time()
+            for conductor in conductors:
+                conductor.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}:\n{conductors[0].log_tail()}")
+            time.sleep(0.02)
+
+    def commit_latencies(self, sends: list[tuple[str, float]], commit_times: dict) -> tuple[list, int]:
+        """[(sent, send->commit ms)] per message: the transaction that applied it (bench_applied),
+        or, for one superseded by a newer heartbeat of its instance in the same batch, the
+        transaction that applied that newer one."""
+        if not sends:
+            return [], 0
+        low = min(s for _, s in sends) - 1e-6
+        applied: dict[str, list] = {}
+        for key, sent, xid in self.sql("SELECT key, sent, xid FROM bench_applied WHERE sent >= %s", (low,)):
+            applied.setdefault(key, []).append((sent, xid))
+        for rows in applied.values():
+            rows.sort()
+        latencies, missing = [], 0
+        self.last_xids = set()
+        for instance_id, sent in sends:
+            rows = applied.get(instance_id, [])
+            match = next((xid for s, xid in rows if s >= sent - 1e-7), None)
+            if match is None or match not in commit_times:
+                missing += 1
+                continue
+            self.last_xids.add(match)
+            latencies.append((sent, (commit_times[match] - sent) * 1000))
+        return latencies, missing
+
+    def latency(self) -> dict:
+        opts = self.opts
+        self.install_commit_triggers()
+        fleet = list(self.fleet.items())
+        cursor = [0]
+
+        def targets(_i):
+            item = fleet[cursor[0] % len(fleet)]
+            cursor[0] += 1
+            return item
+
+        conductors = self.start_conductors(1, "latency")
+        listener = self.start_listener(conductors, "latency")
+        phases = []
+        profiler = None
+        try:
+            warm = self.paced(targets, opts.rates[0][0], 2.0)
+            self.wait_applied(*warm["sent"][-1], conductors, "the warm-up heartbeats")
+            for rate, seconds in opts.rates:
+                if opts.profile:
+                    profiler = Profiler(conductors[0].pid, Path(opts.profile) / f"latency-{rate}.txt")
+                    self.helpers.append(profiler)
+                acct = self.accounting(conductors, [listener.process.pid])
+                phase_start = time.time()
+                sent = self.paced(targets, rate, seconds)
+                sending_end = time.time()
+                applied_at = self.wait_applied(*sent["sent"][-1], conductors, f"every heartbeat at {rate}/s")
+                cpu = acct.delta()
+                if profiler:
+                    profiler.stop()
+                    self.helpers.remove(profiler)
+                phases.append({"rate": rate, "seconds": seconds, "phase_start": phase_start,
+                               "sending_end": sending_end, "applied_at": applied_at, "cpu": cpu,
+                               "sent": sent, "profile": str(profiler.out) if profiler else None})
+                profiler = None
+                log(f"latency {rate}/s x {seconds}s sent (achieved {sent['achieved_rate']:.0f}/s); "
+                    f"all applied {applied_at - sending_end:.2f}s after the last send; {split_text(cpu)}")
+                time.sleep(1.0)
+        finally:
+            if profiler and profiler in self.helpers:
+                profiler.stop()
+                self.helpers.remove(profiler)
+            listener.stop()
+            self.helpers.remove(listener)
+            problems = log_problems(conductors[0].log_text())
+            self.stop_conductors(conductors)
+        commit_times, samples = listener.read()
+        results = []
+        for phase in phases:
+            sends = phase["sent"]["sent"]
+            pairs, missing = self.commit_latencies(sends, commit_times)
+            latencies = [lat for _s, lat in pairs]
+            t0, t1 = phase["phase_start"], phase["sending_end"]
+            depth = [(t - t0, ready) for t, ready, *_ in samples if t0 <= t <= t1 + 0.25]
+            after = [(t - t0, ready) for t, ready, *_ in samples if t1 < t <= phase["applied_at"]]
+            tail = [p for p in depth if p[0] >= (t1 - t0) / 3]
+            grow = slope(tail)
+            end_depth = depth[-1][1] if depth else float("nan")
+            per_5s = []
+            for start in range(0, int(phase["seconds"]), 5):
+                window = sorted(lat for s, lat in pairs if start <= s - t0 < start + 5)
+                cores = [sample[3:] for sample in samples if start <= sample[0] - t0 < start + 5]
+                ready = [sample[1] for sample in samples if start <= sample[0] - t0 < start + 5]
+                per_5s.append({"from_s": start, "p50": percentile(window, 50), "p99": percentile(window, 99),
+                               "max_depth": max(ready, default=float("nan")),
+                               "cores": [sum(c[k] for c in cores) / len(cores) if cores else float("nan")
+                                         for k in range(len(CATEGORIES) + 1)]})
+            lags = phase["sent"]["lags"]
+            result = {
+                "rate": phase["rate"], "seconds": phase["seconds"], "published": len(sends),
+                "achieved_rate": phase["sent"]["achieved_rate"],
+                "publisher_lag_ms": {"p99": percentile(lags, 99) * 1000, "max": lags[-1] * 1000 if lags else float("nan")},
+                "commit_ms": stats(latencies), "missing_commit_times": missing,
+                "depth": {"max": max((r for _, r in depth), default=float("nan")), "at_end_of_sending": end_depth,
+                          "slope_per_s": grow, "samples": len(depth)},
+                "queue_grew": bool(grow > max(10.0, 0.01 * phase["rate"]) and end_depth > self.prefetch),
+                "drained_after_s": phase["applied_at"] - t1,
+                "max_depth_after": max((r for _, r in after), default=0),
+                "cpu": phase["cpu"], "msgs_per_commit": len(pairs) / max(1, len(self.last_xids)),
+                "conductor_us_per_msg": phase["cpu"]["cpu_s"]["conductors"] / len(sends) * 1e6,
+                "rabbitmq_us_per_msg": phase["cpu"]["cpu_s"]["rabbitmq"] / len(sends) * 1e6,
+                "postgres_us_per_msg": phase["cpu"]["cpu_s"]["postgres"] / len(sends) * 1e6,
+                "bench_us_per_msg": phase["cpu"]["cpu_s"]["bench"] / len(sends) * 1e6,
+                "per_5s": per_5s, "profile": phase["profile"],
+            }
+            results.append(result)
+            c = result["commit_ms"]
+            log(f"latency {result['rate']}/s: p50 {c['p50']:.1f} p90 {c['p90']:.1f} p99 {c['p99']:.1f} "
+                f"max {c['max']:.1f} ms; depth max {result['depth']['max']}, at end {end_depth}, slope "
+                f"{grow:.0f}/s -> {'GREW' if result['queue_grew'] else 'did not grow'}; missing {missing}")
+        return {"phases": results, "log_problems": problems}
+
+    # ------------------------------------------------------------------ refusals
+
+    def hostile_context(self) -> hostile.Context:
+        return hostile.Context(self.drain, self.deleted, self.opts.oversized_bytes, self.monitor.userid)
+
+    def refusals(self) -> dict:
+        """Per kind: one conductor frozen while N hostile messages of that kind are
+        published, thawed, timed until it has logged N refusals and nothing is ready.
+        Kinds share a conductor unless they need other settings (hostile.KIND_ENV)."""
+        results, alive, problems = {}, True, []
+        groups: dict[tuple, list[str]] = {}
+        for kind in self.opts.refusal_kinds:
+            groups.setdefault(tuple(sorted(hostile.KIND_ENV.get(kind, {}).items())), []).append(kind)
+        for env, kinds in groups.items():
+            conductors = self.start_conductors(1, "refusals", probe=not env, **dict(env))
+            conductor = conductors[0]
+            try:
+                if env:   # no valid probe passes this conductor's checks: wait for a refusal
+                    self.publisher.producer.publish(**hostile.KINDS[kinds[0]](self.hostile_context(), 0))
+                    self.wait_refused(conductor, 1)
+                for kind in kinds:
+                    results[kind] = self.refusal_kind(conductor, kind)
+                if not env:   # still serving: a valid heartbeat after all of that is applied
+                    self.probe(conductors)
+                alive &= conductor.alive()
+            finally:
+                problems += [p for p in log_problems(conductor.log_text()) if "refused" not in p]
+                self.stop_conductors(conductors)
+        return {"kinds": results, "alive_after": alive, "log_problems": problems}
+
+    def wait_refused(self, conductor: Conductor, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while conductor.refused() < count:
+            conductor.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no refusal logged:\n{conductor.log_tail()}")
+            time.sleep(0.02)
+
+    def refusal_kind(self, conductor: Conductor, kind: str) -> dict:
+        ctx = self.hostile_context()
+        build = hostile.KINDS[kind]
+        messages = [build(ctx, i) for i in range(self.opts.refusal_messages)]
+        n = len(messages)
+        base = conductor.refused()
+        offset = conductor._offset
+        conductor.freeze()
+        pub = self.publish_all(messages, held=self.prefetch, consumers=[conductor])
+        acct = self.accounting([conductor])
+        started = time.perf_counter()
+        conductor.thaw()
+        deadline = time.monotonic() + max(120.0, n / 20)
+        while True:
+            refused = conductor.refused() - base
+            if refused >= n and self.depth()[0] == 0:
+                break
+            conductor.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{kind}: {refused}/{n} refused:\n{conductor.log_tail()}")
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        cpu = acct.delta()
+        with open(conductor.log_path, "rb") as f:
+            f.seek(offset)
+            lines = [line for line in f.read().decode(errors="replace").splitlines()
+                     if "on the guests' queue" in line]
+        reasons = Counter(hostile.reason_of(line) for line in lines)
+        unexpected = sum(1 for line in lines if not any(e in line for e in hostile.EXPECTED[kind]))
+        r = {
+            "messages": n, "rate": n / elapsed, "seconds": elapsed, "refused": refused,
+            "bytes_per_msg": sum(len(m["body"]) for m in messages) / n,
+            "conductor_us_per_msg": cpu["cpu_s"]["conductors"] / n * 1e6,
+            "rabbitmq_us_per_msg": cpu["cpu_s"]["rabbitmq"] / n * 1e6,
+            "postgres_us_per_msg": cpu["cpu_s"]["postgres"] / n * 1e6,
+            "cpu": cpu, "memory": conductor.memory(), "publish": pub,
+            "reasons": dict(reasons.most_common(6)), "unexpected_reasons": unexpected,
+        }
+        log(f"refusals {kind:18s}: {r['rate']:6.0f}/s ({n} in {elapsed:.2f}s; conductor "
+            f"{r['conductor_us_per_msg']:.0f} us/msg, RabbitMQ {r['rabbitmq_us_per_msg']:.0f}; "
+            f"RSS {r['memory']['rss_kb'] // 1024} MB); {split_text(cpu)}; reasons "
+            f"{dict(reasons.most_common(3))}{'; UNEXPECTED ' + str(unexpected) if unexpected else ''}")
+        return r
+
+    # ------------------------------------------------------------------ flood
+
+    def flood(self) -> dict:
+        """20,000 hostile messages of mixed kinds queued (the conductor frozen meanwhile);
+        from the thaw, valid heartbeats at --flood-valid-rate until the flood is drained."""
+        opts = self.opts
+        self.install_commit_triggers()
+        ctx = self.hostile_context()
+        kinds = [k for k in hostile.KINDS if k not in hostile.KIND_ENV]
+        messages = [hostile.KINDS[kinds[i % len(kinds)]](ctx, i // len(kinds)) for i in range(opts.flood_messages)]
+        random.shuffle(messages)
+        n = len(messages)
+        conductors = self.start_conductors(1, "flood")
+        conductor = conductors[0]
+        listener = self.start_listener(conductors, "flood")
+        valid = list(self.drain.items())
+        try:
+            base = conductor.refused()
+            conductor.freeze()
+            pub = self.publish_all(messages, held=self.prefetch, consumers=conductors)
+            memory_before = conductor.memory()
+            acct = self.accounting(conductors, [listener.process.pid])
+            started = time.perf_counter()
+            conductor.thaw()
+            peak = {"tree_rss_kb": 0}
+            flood_done = {}
+
+            def drained():
+                conductor.check_alive()
+                peak["tree_rss_kb"] = max(peak["tree_rss_kb"], conductor.memory()["tree_rss_kb"])
+                if conductor.refused() - base >= n and self.depth()[0] == 0:
+                    flood_done.setdefault("at", time.perf_counter())
+                    flood_done.setdefault("epoch", time.time())
+                    return True
+                if time.perf_counter() - started > max(300.0, n / 20):
+                    raise RuntimeError(f"flood not drained:\n{conductor.log_tail()}")
+                return False
+
+            sent = self.paced(lambda i: valid[i % len(valid)], opts.flood_valid_rate, None, until=drained)
+            while not drained():
+                time.sleep(0.005)
+            elapsed = flood_done["at"] - started
+            cpu = acct.delta()
+            applied_at = (self.wait_applied(*sent["sent"][-1], conductors, "the valid heartbeats")
+                          if sent["sent"] else time.time())
+            memory_after = conductor.memory()
+            refused_total = conductor.refused() - base
+        finally:
+            listener.stop()
+            self.helpers.remove(listener)
+            problems = [p for p in log_problems(conductor.log_text()) if "refused" not in p]
+            self.stop_conductors(conductors)
+        commit_times, _samples = listener.read()
+        pairs, missing = self.commit_latencies(sent["sent"], commit_times)
+        latencies = [lat for _s, lat in pairs]
+        commit_epochs = sorted(s + lat / 1000 for s, lat in pairs)
+        result = {
+            "messages": n, "kinds": kinds, "seconds": elapsed, "rate": n / elapsed, "publish": pub,
+            "valid_sent": len(sent["sent"]), "valid_rate": opts.flood_valid_rate,
+            "valid_commit_ms": stats(latencies), "valid_missing_commit_times": missing,
+            "last_valid_applied_after_flood_s": (commit_epochs[-1] - flood_done["epoch"]) if commit_epochs else float("nan"),
+            "all_valid_applied_after_flood_s": applied_at - flood_done["epoch"],
+            "refused": refused_total, "memory_before": memory_before, "memory_after": memory_after,
+            "peak_tree_rss_kb": peak["tree_rss_kb"], "cpu": cpu, "log_problems": problems,
+            "conductor_us_per_msg": cpu["cpu_s"]["conductors"] / n * 1e6,
+        }
+        c = result["valid_commit_ms"]
+        log(f"flood: {n} hostile drained in {elapsed:.2f}s ({result['rate']:.0f}/s), refused {refused_total}; "
+            f"{len(sent['sent'])} valid sent meanwhile: send->commit p50 {c['p50']:.0f} p99 {c['p99']:.0f} "
+            f"max {c['max']:.0f} ms, last applied {result['last_valid_applied_after_flood_s']:+.2f}s after the "
+            f"flood drained; conductor peak RSS {memory_after['peak_rss_kb'] // 1024} MB "
+            f"(before {memory_before['rss_kb'] // 1024} MB); {split_text(cpu)}")
+        return result
+
+    # ------------------------------------------------------------------ orchestration
 
     def run(self) -> dict:
         opts = self.opts
         self.setup()
         self.create_instances()
-        if not opts.no_raw:
-            self.results["raw"] = [self.raw_floor(p) for p in (8, 208)]
-        labels = list(self.variants)
-        for round_no in range(1, opts.rounds + 1):
-            # ABBA: floor first in odd rounds, last in even ones (variants reversed too).
-            order = ["floor", *labels] if round_no % 2 else [*reversed(labels), "floor"]
-            entry = {"heartbeats": {}}
-            for kind in order:
-                if kind == "floor":
-                    entry["floor"] = self.floor_round(round_no)
-                else:
-                    entry["heartbeats"][kind] = self.heartbeat_round(round_no, kind)
-            self.results["rounds"].append(entry)
-        if opts.seconds > 0 and opts.rate > 0:
-            self.results["latency"] = {label: self.latency(label) for label in labels}
+        self.results["errors"] = {}
+        for phase, method in (("drain", self.drain_rounds), ("scale", self.scale),
+                              ("latency", self.latency), ("refusals", self.refusals), ("flood", self.flood)):
+            if phase not in opts.only or (phase == "latency" and not opts.rates):
+                continue
+            try:
+                self.results[phase] = method()
+            except Exception as exc:   # one phase failing (e.g. a broker that stops reading
+                # under load) must not cost the others: record it, reconnect, go on
+                self.failed = True
+                self.results["errors"][phase] = f"{type(exc).__name__}: {exc}"
+                log(f"phase {phase} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+                self.stop_conductors(list(self.conductors))
+                self.reconnect()
         return self.results
 
+    def reconnect(self) -> None:
+        from kombu import Connection
 
-class Listener:
-    """A separate process LISTENing for the commit notifications (no GIL shared with the
-    publisher); writes '<xid> <time.time()>' per notification."""
+        from tests.support.guests import Publisher
+        for closer in (self.publisher.close, self.monitor.release):
+            try:
+                closer()
+            except Exception:
+                pass
+        self.publisher = Publisher(self.vhost.url, QUEUE)
+        self.monitor = Connection(self.vhost.url)
+        self.monitor_channel = self.monitor.channel()
 
-    def __init__(self, dsn: dict, out: Path, worker_pid: int):
-        self.dsn, self.out, self.worker_pid = dsn, out, worker_pid
-        self.process = None
+    def drain_rounds(self) -> list:
+        rounds = []
+        for round_no in range(1, self.opts.rounds + 1):
+            # ABBA: the raw floor first in odd rounds, the conductor first in even ones.
+            entry = {}
+            for kind in (["raw", "conductor"] if round_no % 2 else ["conductor", "raw"]):
+                if kind == "raw":
+                    entry["raw"] = self.raw_floor(f"round {round_no} raw")
+                else:
+                    entry["conductor"] = self.conductor_drain(1, f"round{round_no}-drain")
+            entry["ratio"] = entry["conductor"]["rate"] / entry["raw"]["rate"]
+            entry["steady_ratio"] = entry["conductor"]["steady_rate"] / entry["raw"]["steady_rate"]
+            entry["corrected_ratio"] = entry["conductor"]["corrected_rate"] / entry["raw"]["corrected_rate"]
+            log(f"round {round_no}: drain / raw floor = {entry['ratio']:.2f} (steady {entry['steady_ratio']:.2f}; "
+                f"corrected for CPU waits {entry['corrected_ratio']:.2f})")
+            rounds.append(entry)
+        return rounds
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--_listen", json.dumps(self.dsn),
-             str(self.out), str(self.worker_pid)], stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        ready, _, _ = select.select([self.process.stdout], [], [], 30)
-        if not ready or not self.process.stdout.readline().startswith(b"listening"):
-            raise RuntimeError("commit listener did not start")
+    def scale(self) -> dict:
+        results = {}
+        for count in self.opts.conductors:
+            if count == 1 and "drain" in self.opts.only:
+                continue   # the drain rounds are this configuration
+            results[count] = [self.conductor_drain(count, f"scale{count}-r{r + 1}")
+                              for r in range(self.opts.scale_rounds)]
+        return results
+
+
+class _Helper:
+    """The listener process: stopped with SIGTERM; its file read afterwards."""
+
+    def __init__(self, process, out: Path):
+        self.process, self.out = process, out
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
+        if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        if self.process and self.process.stdout:
+        if self.process.stdout:
             self.process.stdout.close()
 
-    def read(self) -> tuple[dict[int, float], list]:
-        """({xid: commit time}, [(time, *SAMPLE_KEYS cores, runnable threads)])"""
-        times, samples = {}, []
+    def read(self) -> tuple[dict, list]:
+        """({txid: commit time}, [(time, ready, runnable, machine, *CATEGORIES cores)])"""
+        commits, samples = {}, []
         for line in self.out.read_text().splitlines():
             parts = line.split()
-            if parts[0] == "S":
-                samples.append(tuple(float(v) for v in parts[1:]))
-            else:
-                times.setdefault(int(parts[0]), float(parts[1]))
-        return times, samples
+            if parts[0] == "C":
+                commits.setdefault(int(parts[1]), float(parts[2]))
+            elif parts[0] == "S":
+                samples.append((float(parts[1]), int(parts[2]), int(parts[3]), *map(float, parts[4:])))
+        return commits, samples
 
 
-def listen_main(dsn_json: str, out: str, worker_pid: str) -> None:
-    """Commit times (NOTIFY arrives at commit) and, every 0.5 s, a CPU sample: machine
-    busy cores, the worker tree's cores, runnable threads (procs_running)."""
-    import psycopg2
+# ---------------------------------------------------------------------- report
 
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    conn = psycopg2.connect(**json.loads(dsn_json))
-    conn.autocommit = True
-    conn.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
-    breakdown = CpuBreakdown(int(worker_pid), [os.getppid(), os.getpid()])
-    last = time.time()
-    with open(out, "w") as sink:
-        print("listening", flush=True)
-        while not stop:
-            if select.select([conn], [], [], 0.1)[0]:
-                conn.poll()
-                now = time.time()
-                while conn.notifies:
-                    sink.write(f"{conn.notifies.pop(0).payload} {now!r}\n")
-            now = time.time()
-            if now - last >= 0.5:
-                cores = breakdown.delta()
-                with open("/proc/stat") as stat:
-                    running = next(int(line.split()[1]) for line in stat
-                                   if line.startswith("procs_running"))
-                sink.write(f"S {now!r} " + " ".join(f"{cores[k]:.3f}" for k in SAMPLE_KEYS)
-                           + f" {running}\n")
-                last = now
-    conn.close()
+def _fmt(values, spec="{:.0f}") -> str:
+    return "[" + ", ".join(spec.format(v) for v in values) + "]"
 
 
-def _cpu_text(result: dict) -> str:
-    cpu = result["cpu"]
-    return (f"worker {result['worker_cpu_us_per_msg']:.0f} us CPU/msg + PostgreSQL backend "
-            f"{result['pg_cpu_us_per_msg']:.0f} us/msg; {_breakdown_text(cpu['breakdown_cores'])}")
+def runqueue_share(cpu: dict, prefix: str) -> float:
+    """Mean share of the wall time the given main threads spent runnable but waiting for a CPU."""
+    waits = [t["runqueue"] for label, t in cpu.get("threads", {}).items() if label.startswith(prefix)]
+    return sum(waits) / len(waits) if waits else 0.0
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", label.replace("size=", "s").replace(" interval=", "-i"))
-
-
-def _mean(values: list) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _stats(values: list) -> dict:
-    return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
-            "p99": percentile(values, 99), "max": values[-1] if values else float("nan"),
-            "min": values[0] if values else float("nan")}
-
-
-def _log_problems(text: str) -> list:
-    problems = []
-    for marker in ("Traceback", "ERROR", "CRITICAL", "unregistered task", "database unavailable"):
-        count = text.count(marker)
-        if count:
-            problems.append(f"{count}x {marker}")
-    return problems
+def limit_of(cpu: dict) -> str:
+    """Name what limited a drain, from the CPU split and the conductors' main threads
+    (where the guests' consumer runs): on a CPU, waiting for one, or blocked."""
+    threads = [t for label, t in cpu.get("threads", {}).items() if label.startswith("conductor")]
+    on_cpu = sum(t["cpu"] for t in threads) / len(threads) if threads else 0.0
+    runq = sum(t["runqueue"] for t in threads) / len(threads) if threads else 0.0
+    blocked = sum(t["blocked"] for t in threads) / len(threads) if threads else 0.0
+    parts = {"conductors": cpu["conductors"], "RabbitMQ": cpu["rabbitmq"], "PostgreSQL": cpu["postgres"],
+             "other processes": cpu["other"], "the bench": cpu["bench"]}
+    ranked = ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+    where = f"conductor main thread(s): {on_cpu:.0%} on a CPU, {runq:.0%} waiting for a CPU, {blocked:.0%} blocked"
+    if on_cpu >= 0.85:
+        verdict = "the conductor (its single consumer thread is CPU-bound)"
+    elif runq >= max(0.2, blocked):
+        verdict = (f"CPU: the machine's {CPUS} cores are busy ({cpu['machine']:.2f}) and the conductor "
+                   f"waits for a core (cores by user: {ranked})")
+    elif blocked >= 0.3:
+        verdict = ("the conductor's waits: its one thread is blocked on the broker or the database "
+                   "(round trips, not CPU)")
+    else:
+        verdict = f"mixed (cores by user: {ranked})"
+    return f"{verdict}; {where}"
 
 
 def print_summary(results: dict, opts) -> None:
-    rounds = results["rounds"]
-    labels = list(rounds[0]["heartbeats"]) if rounds else list(results.get("latency") or {})
-    floor = [r["floor"]["rate"] for r in rounds]
-    floor_steady = [r["floor"]["steady_rate"] for r in rounds]
-    floor_cpu = [r["floor"]["worker_cpu_us_per_msg"] for r in rounds]
-    profiled = " (PROFILED with py-spy: rates are lowered)" if opts.profile else ""
-    fmt = lambda xs, f="{:.0f}": ", ".join(f.format(x) for x in xs)  # noqa: E731
-    print()
-    print("=" * 100)
-    print(f"conductor heartbeat benchmark: {opts.instances} instances, {opts.messages} messages per "
-          f"drain, {opts.rounds} rounds (ABBA){profiled}; worker -c "
-          f"{opts.concurrency or 'default (CPU count)'}; {CPUS} CPUs; conductor -A {opts.conductor_app}"
-          + ("  ** EXPERIMENT, NOT THE PRODUCT **" if opts.conductor_app != "dbaas" else ""))
-    print("-" * 100)
-    if results.get("raw"):
-        print("raw broker floor (kombu, acks only) : " + "; ".join(
-            f"{r['rate']:.0f} msg/s (prefetch {r['prefetch']})" for r in results["raw"]))
-    if rounds:
-        print(f"floor (no-op task)                  : {median(floor):7.0f} msg/s   rounds [{fmt(floor)}]; "
-              f"steady [{fmt(floor_steady)}]; worker CPU [{fmt(floor_cpu)}] us/msg")
-    ok = all(r["floor"]["ok"] for r in rounds)
-    problems = [p for r in rounds for p in r["floor"]["log_problems"]]
-    mismatches = []
-    for label in labels if rounds else []:
-        runs = [r["heartbeats"][label] for r in rounds]
-        rates = [x["rate"] for x in runs]
-        ratios = [x["rate"] / r["floor"]["rate"] for x, r in zip(runs, rounds)]
-        steady_ratios = [x["steady_rate"] / r["floor"]["steady_rate"] for x, r in zip(runs, rounds)]
-        cpu_ratios = [r["floor"]["worker_cpu_us_per_msg"] / x["worker_cpu_us_per_msg"]
-                      for x, r in zip(runs, rounds)]
-        verdict = "MET" if median(ratios) >= 2.0 else "NOT MET"
-        print(f"heartbeats {label:25s}: {median(rates):7.0f} msg/s   rounds [{fmt(rates)}]   "
-              f"ratio heartbeats/floor {median(ratios):.2f} [{fmt(ratios, '{:.2f}')}] "
-              f"(target >= 2.0: {verdict})")
-        print(f"  {'':34s}  steady [{fmt([x['steady_rate'] for x in runs])}] msg/s, ratio "
-              f"[{fmt(steady_ratios, '{:.2f}')}]; tail [{fmt([x['tail_seconds'] for x in runs], '{:.2f}')}] s; worker CPU [{fmt([x['worker_cpu_us_per_msg'] for x in runs])}]"
-              f" us/msg + its PostgreSQL backend [{fmt([x['pg_cpu_us_per_msg'] for x in runs])}] us/msg; "
-              f"CPU ratio floor/heartbeats [{fmt(cpu_ratios, '{:.2f}')}]; ~msgs/commit "
-              f"[{fmt([x['approx_rows_per_commit'] for x in runs], '{:.0f}')}]")
-        ok = ok and all(x["ok"] for x in runs)
-        problems += [p for x in runs for p in x["log_problems"]]
-        mismatches += [x["mismatches"] for x in runs if x["mismatches"]]
-    for r_no, r in enumerate(rounds, 1):
-        print(f"  CPU round {r_no} floor drain       : {_breakdown_text(r['floor']['cpu']['breakdown_cores'])}")
-        for label in labels:
-            print(f"  CPU round {r_no} heartbeats drain  : "
-                  f"{_breakdown_text(r['heartbeats'][label]['cpu']['breakdown_cores'])} ({label})")
-    for label, lat in (results.get("latency") or {}).items():
-        c, b = lat["commit_ms"], lat["batch_start_ms"]
-        verdict = "MET" if c["p99"] < 100 else "NOT MET"
-        print(f"latency {label} @ {opts.rate}/s x {opts.seconds}s: send->commit p50 {c['p50']:.1f} ms, "
-              f"p90 {c['p90']:.1f} ms, p99 {c['p99']:.1f} ms, max {c['max']:.1f} ms "
-              f"(target p99 < 100 ms: {verdict})")
-        print(f"  publish                 : achieved {lat['achieved_rate']:.0f}/s, lag behind schedule "
-              f"p99 {lat['publisher_lag_ms']['p99']:.2f} ms, max {lat['publisher_lag_ms']['max']:.1f} ms")
-        print(f"  send->batch start       : p50 {b['p50']:.1f} ms, p99 {b['p99']:.1f} ms "
-              f"(instances.last_heartbeat); {lat['applied']}/{lat['published']} applied in "
-              f"{lat['transactions']} transactions, {lat['missing_commit_times']} without commit time")
-        sv, bs = lat["batch_service_ms"], lat["batch_size"]
-        print(f"  per batch               : batch start->commit p50 {sv['p50']:.1f} ms, p99 {sv['p99']:.1f} ms, "
-              f"max {sv['max']:.1f} ms; messages per batch p50 {bs['p50']:.0f}, p99 {bs['p99']:.0f}, "
-              f"max {bs['max']:.0f}")
-        print(f"  CPU during the phase    : worker {lat['worker_cpu_us_per_msg']:.0f} us/msg, "
-              f"its PostgreSQL backend {lat['pg_cpu_us_per_msg']:.0f} us/msg; "
-              f"{_breakdown_text(lat['cpu']['breakdown_cores'])}")
-        print("  per second of sending   : send->commit ms p50/p99/max | publisher lag max ms | "
-              "cores: machine worker rabbitmq postgres bench other | runnable threads")
-        for second, row in lat["per_second"].items():
-            cores = " ".join(f"{row['cores'][k]:4.2f}" for k in SAMPLE_KEYS)
-            print(f"    {second:3d}s: {row['p50']:6.1f} {row['p99']:6.1f} {row['max']:6.1f} | "
-                  f"{row['publisher_lag_max_ms']:6.1f} | {cores} | {row['runnable']:.1f}")
-        problems += lat["log_problems"]
-        ok = ok and lat["applied"] == lat["published"] and not lat["missing_commit_times"]
-    print(f"correctness                         : {'OK' if ok and not problems else 'FAILED'}"
-          f"{' mismatches ' + str(mismatches) if mismatches else ''}"
-          f"{' log: ' + str(problems) if problems else ''}")
-    print("=" * 100)
+    line = "=" * 110
+    print("\n" + line)
+    print(f"conductor heartbeat benchmark (issue 12; refusals: issue 6) - {CPUS} CPUs, shared machine: "
+          f"'other' is everyone else's load in the same window")
+    print(f"settings: {results.get('settings', '')}")
+    print(f"product code: {results.get('product', '')}")
+    print(line)
+    ok = True
+    drain = results.get("drain") or []
+    if drain:
+        c_rates = [r["conductor"]["rate"] for r in drain]
+        r_rates = [r["raw"]["rate"] for r in drain]
+        ratios = [r["ratio"] for r in drain]
+        s_ratios = [r["steady_ratio"] for r in drain]
+        verdict = "MET" if median(ratios) >= 0.8 else "NOT MET"
+        print(f"(1) DRAIN of {drain[0]['conductor']['messages']:,} pre-published heartbeats, "
+              f"{opts.instances:,} instances, one conductor, {len(drain)} rounds ABBA")
+        print(f"    conductor        {median(c_rates):7.0f} msg/s  rounds {_fmt(c_rates)}  steady "
+              f"{_fmt([r['conductor']['steady_rate'] for r in drain])}")
+        print(f"    raw broker floor {median(r_rates):7.0f} msg/s  rounds {_fmt(r_rates)}  steady "
+              f"{_fmt([r['raw']['steady_rate'] for r in drain])}  (kombu, ack per message, prefetch "
+              f"{drain[0]['raw']['prefetch']})")
+        print(f"    drain / raw floor  {median(ratios):.2f}  rounds {_fmt(ratios, '{:.2f}')}; steady "
+              f"{_fmt(s_ratios, '{:.2f}')}   (target >= 0.8: {verdict})")
+        c_corr = [r["conductor"]["corrected_rate"] for r in drain]
+        r_corr = [r["raw"]["corrected_rate"] for r in drain]
+        k_ratios = [r["corrected_ratio"] for r in drain]
+        print(f"    corrected for CPU waits (rate / (1 - share of the main thread's time spent waiting for a CPU)): "
+              f"conductor {_fmt(c_corr)}, raw {_fmt(r_corr)}, ratio {median(k_ratios):.2f} {_fmt(k_ratios, '{:.2f}')}")
+        print("    (on a shared machine the measured ratio swings with the neighbours' load; the corrected one "
+              "less, as long as they leave RabbitMQ and PostgreSQL their CPU)")
+        for r_no, r in enumerate(drain, 1):
+            for kind in ("raw", "conductor"):
+                print(f"    CPU round {r_no} {kind:9s}: {split_text(r[kind]['cpu'])}")
+                print(f"    {'':21s}{threads_text(r[kind]['cpu'])}")
+        checks = [r["conductor"] for r in drain]
+        good = all(c["ok"] for c in checks)
+        ok &= good
+        print(f"    correctness: {'OK' if good else 'FAILED'} - every instance at its newest message "
+              f"(watermark and status), queue empty after stop, no refusal/error in the log "
+              + " ".join(f"{c['mismatches'] or ''}{c['log_problems'] or ''}left={c['left_in_queue']}" for c in checks))
+        print(f"    ~messages per commit {_fmt([c['msgs_per_commit'] for c in checks])}; conductor "
+              f"start-up to consuming {_fmt([c['startup_s'][0]['consumer_s'] for c in checks], '{:.1f}')} s")
+        cost = {k: median([c[k] for c in checks]) for k in
+                ("conductor_us_per_msg", "conductor_main_us_per_msg", "rabbitmq_us_per_msg", "postgres_us_per_msg")}
+        pub_rabbit = median([c["publish"]["rabbitmq_us_per_msg"] for c in checks])
+        raw_rabbit = median([r["raw"]["rabbitmq_us_per_msg"] for r in drain])
+        raw_consumer = median([r["raw"]["consumer_us_per_msg"] for r in drain])
+        print("(4) PER-HEARTBEAT COST (median of the drains, CPU us per message)")
+        print(f"    conductor {cost['conductor_us_per_msg']:.0f} us (main process {cost['conductor_main_us_per_msg']:.0f}) | "
+              f"RabbitMQ {cost['rabbitmq_us_per_msg']:.0f} us delivering+acking + {pub_rabbit:.0f} us accepting the publish | "
+              f"PostgreSQL {cost['postgres_us_per_msg']:.0f} us")
+        print(f"    raw floor for comparison: consumer {raw_consumer:.0f} us, RabbitMQ {raw_rabbit:.0f} us delivering "
+              f"with one ack per message")
+        rate = opts.fleet_size / opts.fleet_interval
+        conductor_cores = cost["conductor_us_per_msg"] * rate / 1e6
+        rabbit_cores = (cost["rabbitmq_us_per_msg"] + pub_rabbit) * rate / 1e6
+        pg_cores = cost["postgres_us_per_msg"] * rate / 1e6
+        per_core = 1e6 / cost["conductor_us_per_msg"]
+        per_process = 1e6 / cost["conductor_main_us_per_msg"]
+        print(f"    SIZING {opts.fleet_size:,} instances / {opts.fleet_interval:g} s = {rate:,.0f} heartbeats/s: "
+              f"conductors {conductor_cores:.1f} cores, RabbitMQ {rabbit_cores:.1f}, PostgreSQL {pg_cores:.1f} "
+              f"= {conductor_cores + rabbit_cores + pg_cores:.1f} cores")
+        print(f"    one conductor core = {per_core:,.0f} heartbeats/s = {per_core * opts.fleet_interval:,.0f} instances "
+              f"at {opts.fleet_interval:g} s; one conductor process (one consumer thread) tops out near "
+              f"{per_process:,.0f}/s -> >= {math.ceil(rate / per_process)} processes, each on a core of its own")
+        print(f"    at Trove's 60 s interval the same fleet is {opts.fleet_size / 60:,.0f}/s: "
+              f"{conductor_cores * opts.fleet_interval / 60:.2f} conductor cores")
+        for p in (results.get("latency") or {}).get("phases", []):
+            steady_cores = (p["conductor_us_per_msg"] + p["rabbitmq_us_per_msg"] + p["postgres_us_per_msg"]) * rate / 1e6
+            print(f"    steady {p['rate']}/s (~{p['msgs_per_commit']:.0f} msgs/commit, one message per publish): conductor "
+                  f"{p['conductor_us_per_msg']:.0f} us, RabbitMQ {p['rabbitmq_us_per_msg']:.0f} us (accept + deliver), "
+                  f"PostgreSQL {p['postgres_us_per_msg']:.0f} us, publisher {p['bench_us_per_msg']:.0f} us per message "
+                  f"-> {steady_cores:.1f} cores at {rate:,.0f}/s (conductor+RabbitMQ+PostgreSQL)")
+        print("    not measured here: RabbitMQ's cost of one connection per guest (each guest has its own broker "
+              "user), i.e. 100,000 connections and their heartbeats")
+    scale = results.get("scale") or {}
+    if scale or drain:
+        print("(3) SCALE-OUT: the same drain, N conductor processes on the queue")
+        rows = []
+        if drain:
+            rows.append((1, [r["conductor"] for r in drain], "(the drain rounds)"))
+        rows += [(int(k), v, "") for k, v in sorted(scale.items(), key=lambda kv: int(kv[0]))]
+        for count, runs, note in rows:
+            rates = [x["rate"] for x in runs]
+            cpu = runs[-1]["cpu"]
+            print(f"    {count} conductor(s): {median(rates):6.0f} msg/s {_fmt(rates)} {note}; "
+                  f"conductors {median([x['conductor_us_per_msg'] for x in runs]):.0f} us/msg; "
+                  f"main process each {_fmt(cpu['conductor_main'], '{:.2f}')} cores")
+            print(f"        CPU: {split_text(cpu)}")
+            print(f"        limit: {limit_of(cpu)}")
+            ok &= all(x["ok"] for x in runs)
+    lat = results.get("latency")
+    if lat:
+        print("(2) LATENCY send->commit at steady rates (one conductor; sent = guest's time.time() at send)")
+        for p in lat["phases"]:
+            c, d = p["commit_ms"], p["depth"]
+            target = 50 if p["rate"] <= 1000 else 200
+            verdict = "MET" if c["p99"] <= target and not p["queue_grew"] else "NOT MET"
+            print(f"    {p['rate']:5d}/s x {p['seconds']}s: achieved {p['achieved_rate']:.0f}/s (lag p99 "
+                  f"{p['publisher_lag_ms']['p99']:.1f} ms); p50 {c['p50']:.1f} p90 {c['p90']:.1f} p99 {c['p99']:.1f} "
+                  f"max {c['max']:.1f} ms; queue depth max {d['max']}, at end {d['at_end_of_sending']}, "
+                  f"slope {d['slope_per_s']:+.0f}/s -> {'GREW' if p['queue_grew'] else 'did not grow'}; "
+                  f"(target p99 <= {target} ms, no growth: {verdict})")
+            print(f"        CPU: {split_text(p['cpu'])}")
+            print(f"        {threads_text(p['cpu'])}; ~{p['msgs_per_commit']:.0f} msgs/commit; "
+                  f"missing commit times {p['missing_commit_times']}; all applied {p['drained_after_s']:.2f} s "
+                  f"after the last send")
+            print("        per 5 s: p50/p99 ms | max depth | cores machine conductors rabbitmq postgres bench other")
+            for w in p["per_5s"]:
+                print(f"        {w['from_s']:3d}s {w['p50']:7.1f} {w['p99']:7.1f} | {w['max_depth']:6} | "
+                      + " ".join(f"{v:4.2f}" for v in w["cores"]))
+        ok &= not lat["log_problems"]
+    ref = results.get("refusals")
+    if ref:
+        print("REFUSALS per kind (issue 6; one conductor; target >= 2,000/s each)")
+        for kind, r in ref["kinds"].items():
+            verdict = "MET" if r["rate"] >= 2000 else "NOT MET"
+            per_core = 1e6 / r["conductor_us_per_msg"] if r["conductor_us_per_msg"] else float("nan")
+            print(f"    {kind:18s} {r['rate']:6.0f}/s ({r['messages']} x {r['bytes_per_msg']:,.0f} B) conductor "
+                  f"{r['conductor_us_per_msg']:4.0f} us/msg (= {per_core:,.0f}/s per conductor core), RabbitMQ "
+                  f"{r['rabbitmq_us_per_msg']:4.0f}, PostgreSQL {r['postgres_us_per_msg']:3.0f}; RSS "
+                  f"{r['memory']['rss_kb'] // 1024} MB; {verdict}"
+                  f"{'; UNEXPECTED REASONS ' + str(r['unexpected_reasons']) if r['unexpected_reasons'] else ''}")
+            print(f"        CPU: {split_text(r['cpu'])}")
+        print(f"    conductor alive and applying a valid heartbeat afterwards: {ref['alive_after']}")
+        ok &= ref["alive_after"] and not ref["log_problems"] and not any(
+            r["unexpected_reasons"] or r["refused"] != r["messages"] for r in ref["kinds"].values())
+    fl = results.get("flood")
+    if fl:
+        c = fl["valid_commit_ms"]
+        print(f"FLOOD: {fl['messages']:,} hostile messages of {len(fl['kinds'])} kinds queued, valid heartbeats at "
+              f"{fl['valid_rate']}/s from the thaw")
+        print(f"    drained in {fl['seconds']:.2f} s ({fl['rate']:.0f}/s), {fl['refused']} refused; {fl['valid_sent']} valid "
+              f"sent meanwhile: send->commit p50 {c['p50']:.0f} p99 {c['p99']:.0f} max {c['max']:.0f} ms; last valid "
+              f"applied {fl['last_valid_applied_after_flood_s']:+.2f} s after the flood drained")
+        print(f"    conductor RSS {fl['memory_before']['rss_kb'] // 1024} MB before, peak {fl['memory_after']['peak_rss_kb'] // 1024} MB "
+              f"(main process; whole tree peak sampled {fl['peak_tree_rss_kb'] // 1024} MB)")
+        print(f"    conductor {fl['conductor_us_per_msg']:.0f} us per hostile message (valid ones' work included); "
+              f"CPU: {split_text(fl['cpu'])}")
+        ok &= fl["refused"] == fl["messages"] and not fl["log_problems"] and fl["valid_missing_commit_times"] == 0
+    for phase, error in (results.get("errors") or {}).items():
+        print(f"PHASE {phase} FAILED: {error[:400]}")
+        ok = False
+    print(f"CORRECTNESS overall: {'OK' if ok else 'FAILED'}")
+    print(line)
     if opts.profile:
-        profiles = [r["floor"].get("profile") for r in rounds]
-        profiles += [r["heartbeats"][label].get("profile") for r in rounds for label in labels]
-        profiles += [lat.get("profile") for lat in (results.get("latency") or {}).values()]
-        for path in filter(None, profiles):
-            print(f"\nprofile {path}:")
+        paths = [r["conductor"].get("profile") for r in drain]
+        paths += [x.get("profile") for runs in scale.values() for x in runs]
+        paths += [p.get("profile") for p in (lat or {}).get("phases", [])]
+        for path in filter(None, paths):
+            print(f"\nprofile of the conductor's main process, {path}:")
             print(summarize_profile(Path(path)))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(PHASES),
+                        help=f"phases to run, comma-separated (default all: {','.join(PHASES)})")
     parser.add_argument("--instances", type=int, default=1000, help="instances of the drains (M)")
-    parser.add_argument("--messages", type=int, default=20000, help="messages per drain (N)")
-    parser.add_argument("--rate", type=int, default=1000, help="steady publish rate, msg/s (R)")
-    parser.add_argument("--seconds", type=int, default=15, help="steady-rate duration (S); 0 skips")
-    parser.add_argument("--rounds", type=int, default=2, help="floor/heartbeat rounds (ABBA order)")
-    parser.add_argument("--batch-size", type=int, help="DBAAS_HEARTBEAT_BATCH_SIZE for the workers")
-    parser.add_argument("--batch-interval", type=float,
-                        help="DBAAS_HEARTBEAT_BATCH_INTERVAL (seconds) for the workers")
-    parser.add_argument("--variants", metavar="SIZE:INTERVAL[:APP],...",
-                        help="measure several batch settings (and conductor apps) in the same run, "
-                             "interleaved, e.g. 'default,50:0.005,500:0.05' (empty "
-                             "SIZE, INTERVAL or APP keeps the default)")
-    parser.add_argument("--conductor-app", default="dbaas", metavar="MODULE",
-                        help="celery -A MODULE for the heartbeat workers (default: dbaas, the "
-                             "product)")
-    parser.add_argument("--concurrency", type=int, help="worker -c (default: the product's, CPU count)")
-    parser.add_argument("--no-raw", action="store_true", help="skip the raw kombu broker floor")
-    parser.add_argument("--raw-messages", type=int, default=5000,
-                        help="messages per raw broker floor measurement")
-    parser.add_argument("--profile", metavar="DIR", help="py-spy record the workers into DIR")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--messages", type=int, default=20000, help="heartbeats per drain (N)")
+    parser.add_argument("--rounds", type=int, default=2, help="drain rounds, ABBA with the raw floor")
+    parser.add_argument("--conductors", default="1,2,3", help="scale-out configurations")
+    parser.add_argument("--scale-rounds", type=int, default=1, help="drains per scale-out configuration")
+    parser.add_argument("--rates", default="1000:15,3000:30", help="latency phases, RATE:SECONDS,...")
+    parser.add_argument("--heartbeat-interval", type=float, default=10.0,
+                        help="latency phase: each instance beats this often (instances = max rate x this)")
+    parser.add_argument("--fleet", type=int, help="latency instances (default: max rate x interval)")
+    parser.add_argument("--refusal-messages", type=int, default=5000, help="hostile messages per kind")
+    parser.add_argument("--refusal-kinds", default=",".join(hostile.KINDS), help="kinds to measure")
+    parser.add_argument("--oversized-bytes", type=int, default=70000, help="junk in an oversized message")
+    parser.add_argument("--flood-messages", type=int, default=20000)
+    parser.add_argument("--flood-valid-rate", type=float, default=200.0,
+                        help="valid heartbeats per second during the flood")
+    parser.add_argument("--deleted", type=int, default=100, help="deleted instances whose guests go on sending")
+    parser.add_argument("--batch-size", type=int, help="DBAAS_HEARTBEAT_BATCH_SIZE for the conductors")
+    parser.add_argument("--batch-interval", type=float, help="DBAAS_HEARTBEAT_BATCH_INTERVAL (s)")
+    parser.add_argument("--fleet-size", type=int, default=100_000, help="sizing line: instances")
+    parser.add_argument("--fleet-interval", type=float, default=10.0, help="sizing line: heartbeat interval (s)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy record the conductor's main process during drains and latency phases")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     parser.add_argument("--keep", action="store_true", help="keep database, vhost and logs")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int)
     opts = parser.parse_args(argv)
-    if opts.variants:
-        opts.variants = [_variant(text) for text in opts.variants.split(",")]
-    else:
-        opts.variants = [(opts.batch_size, opts.batch_interval, None)]
+    opts.only = [p.strip() for p in opts.only.split(",") if p.strip()]
+    unknown = set(opts.only) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}")
+    opts.conductors = [int(x) for x in opts.conductors.split(",") if x.strip()]
+    opts.rates = [(int(r), float(s)) for r, s in (x.split(":") for x in opts.rates.split(",") if x.strip())]
+    opts.refusal_kinds = [k.strip() for k in opts.refusal_kinds.split(",") if k.strip()]
+    unknown = set(opts.refusal_kinds) - set(hostile.KINDS)
+    if unknown:
+        parser.error(f"unknown refusal kinds {sorted(unknown)}; known: {list(hostile.KINDS)}")
     return opts
 
 
-def _variant(text: str) -> tuple:
-    text = text.strip()
-    if text in ("", "default"):
-        return (None, None, None)
-    size, _, rest = text.partition(":")
-    interval, _, app = rest.partition(":")
-    return (int(size) if size.strip() else None, float(interval) if interval.strip() else None,
-            app.strip() or None)
-
-
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_listen":
-        listen_main(sys.argv[2], sys.argv[3], sys.argv[4])
-        return 0
     opts = parse_args(argv)
     if opts.seed is not None:
         random.seed(opts.seed)
     if opts.profile:
         Path(opts.profile).mkdir(parents=True, exist_ok=True)
-    # Make SIGTERM unwind through the finally blocks below, like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally blocks
     bench = Bench(opts)
+    product = product_tree()
+    log(f"product code: {product}")
     started = time.monotonic()
     try:
         results = bench.run()
+        results["product"] = product
+        results["settings"] = (f"DBAAS_HEARTBEAT_BATCH_SIZE={bench.config.heartbeat_batch_size}, "
+                               f"DBAAS_HEARTBEAT_BATCH_INTERVAL={bench.config.heartbeat_batch_interval}, "
+                               f"guests' prefetch {bench.prefetch}; conductor = celery -A dbaas worker -Q "
+                               f"trove-conductor (default concurrency {CPUS}, default log level)")
     except BaseException:
         bench.failed = True
         raise
@@ -1273,7 +1265,7 @@ def main(argv=None) -> int:
         bench.teardown()
     results["total_seconds"] = time.monotonic() - started
     print_summary(results, opts)
-    print(f"total {results['total_seconds']:.0f}s")
+    print(f"total {results['total_seconds']:.0f} s")
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=2, default=str))
     return 0
