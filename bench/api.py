@@ -25,6 +25,7 @@ with heartbeats flowing.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -176,6 +177,7 @@ def main() -> int:
         publisher.close()
         vhost.drop()
         database.drop()
+        shutil.rmtree(var_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
