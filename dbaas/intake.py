@@ -14,9 +14,11 @@ Reads no database: a signature is checked against keys derived from the service 
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 from amqp import serialization as amqp_serialization
+from kombu import message as kombu_message
 
 from dbaas import signing, wire
 
@@ -43,6 +45,15 @@ HEADER_TYPES = {
     wire.AUTH_HEADER: (dict,),
 }
 REQUIRED_HEADERS = ("task", "id", wire.AUTH_HEADER)
+# Headers RabbitMQ itself adds (quorum queues count deliveries; dead-lettering records why).
+BROKER_HEADERS = frozenset({
+    "x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
+    "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
+})
+# The body has a size limit; headers have these, so that they cannot carry what the body
+# may not (a text header of a megabyte, a mapping of thousands of keys).
+MAX_HEADER_TEXT = 1024
+MAX_HEADER_ITEMS = 16
 EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord"})
 
 
@@ -97,6 +108,17 @@ def within_depth(value, limit: int = MAX_DEPTH) -> bool:
     return True
 
 
+LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _encodable(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -113,10 +135,20 @@ def decode_json(body, content_type, content_encoding, max_bytes: int):
     if len(body) > max_bytes:
         raise Refused(f"message of {len(body)} bytes exceeds the {max_bytes}-byte limit", kind="too_large")
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        # Decoded strictly first: json.loads would take UTF-16 or UTF-32 bytes as well.
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+        value = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise Refused(f"undecodable body: {type(exc).__name__}: {str(exc)[:120]}", kind="malformed") from None
-    if not within_depth(value):
+    # "\ud800" escapes decode to strings that cannot be encoded again: the database driver
+    # would fail on them, and with them the whole batch they are in.
+    if LONE_SURROGATE.search(text) and not _encodable(value):
+        raise Refused("the body holds a string that is not Unicode text (a lone surrogate)",
+                      kind="malformed")
+    # Nesting needs an opening bracket per level: a body with few of them (every body the
+    # product sends) cannot nest too deep, and is not walked.
+    if body.count(b"[" if isinstance(body, bytes) else "[") + \
+            body.count(b"{" if isinstance(body, bytes) else "{") > MAX_DEPTH and not within_depth(value):
         raise Refused(f"the body nests deeper than {MAX_DEPTH} levels", kind="depth")
     return value
 
@@ -130,14 +162,20 @@ def check_headers(headers) -> dict:
         if name not in headers:
             raise Refused(f"no {name!r} header", kind="headers")
     for name, value in headers.items():
-        if name.startswith("x-"):
-            continue  # set by the broker (x-delivery-count, x-death), not by the sender
+        if not isinstance(name, str):
+            raise Refused("a header name is not text", kind="headers")
+        if name in BROKER_HEADERS:
+            continue  # set by the broker, not by the sender
         types = HEADER_TYPES.get(name)
         if types is None:
             raise Refused(f"unexpected header {str(name)[:64]!r}", kind="headers")
         if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
             raise Refused(f"header {name!r} has the wrong type", kind="headers")
-    if not within_depth(headers):
+        if isinstance(value, str) and len(value) > MAX_HEADER_TEXT or \
+                isinstance(value, (dict, list)) and len(value) > MAX_HEADER_ITEMS:
+            raise Refused(f"header {name!r} is too large", kind="too_large")
+    if any(isinstance(value, (dict, list)) and not within_depth(value, MAX_DEPTH - 1)
+           for value in headers.values()):
         raise Refused(f"headers nest deeper than {MAX_DEPTH} levels", kind="depth")
     if len(headers["task"]) > 200 or not 0 < len(headers["id"]) <= 64:
         raise Refused("header 'task' or 'id' is too long", kind="headers")
@@ -192,7 +230,20 @@ def verify_sender(task_name: str, args, kwargs, header, service_key: str) -> Pri
 def check_task_message(message, *, tasks, max_bytes: int, service_key: str) -> TaskMessage:
     """Every check of a Celery task message (a kombu Message) arriving on a queue that
     serves ``tasks``: shape, size, headers, nesting, signature, and what the sender may
-    ask. A guest's message must be a plain call: no expiry, no reply address."""
+    ask. A guest's message must be a plain call: no expiry, no reply address. Whatever
+    else a message makes these checks raise refuses it too: nothing here may end the
+    consumer."""
+    try:
+        return _check_task_message(message, tasks, max_bytes, service_key)
+    except Refused:
+        raise
+    except Exception as exc:
+        raise Refused(f"unreadable message: {type(exc).__name__}: {str(exc)[:120]}") from None
+
+
+def _check_task_message(message, tasks, max_bytes: int, service_key: str) -> TaskMessage:
+    if message.errors:  # what kombu could not do while building it (a compressed body)
+        raise Refused(f"undecodable message: {message.errors[0][1]}"[:200], kind="encoding")
     headers = check_headers(message.headers)
     task_name = headers["task"]
     if task_name not in tasks:
@@ -215,11 +266,12 @@ def describe(message) -> str:
 
 
 def _guard_amqp_properties():
-    """py-amqp decodes a message's header table recursively, in the connection's own
-    thread, before any consumer sees it: a table nested a few thousand levels deep raised
-    RecursionError there and ended the process, and the message, never acknowledged, went
-    to the next consumer. Decoding it here instead marks the message as undecodable, so it
-    reaches its consumer's checks and is refused like any other."""
+    """py-amqp decodes a message's properties in the connection's own thread, before any
+    consumer sees it: a header table nested a few thousand levels deep (RecursionError)
+    or a property that is not UTF-8 (UnicodeDecodeError) raised there and ended the
+    process, and the message, never acknowledged, went to the next consumer. Decoding it
+    here instead marks the message as undecodable, so it reaches its consumer's checks
+    and is refused like any other."""
     decode = amqp_serialization.PROPERTY_CLASSES[60]  # Basic
     if getattr(decode, "guarded", False):
         return
@@ -227,11 +279,24 @@ def _guard_amqp_properties():
     def decode_guarded(buf, offset):
         try:
             return decode(buf, offset)
-        except RecursionError:
-            return {"application_headers": {UNDECODABLE: "nested too deeply"}}, offset
+        except Exception as exc:  # RecursionError, UnicodeDecodeError of a property…
+            return {"application_headers": {UNDECODABLE: f"{type(exc).__name__}"[:64]}}, offset
 
     decode_guarded.guarded = True
     amqp_serialization.PROPERTY_CLASSES[60] = decode_guarded
 
 
 _guard_amqp_properties()
+
+
+def _refuse_compression():
+    """kombu decompresses a body whose headers name a compression while it builds the
+    message, before any consumer's check: a compressed bomb took half a gigabyte there,
+    and a bad one raised through the consumer. The product never compresses, so nothing
+    is decompressed: the message carries the failure, and its consumer refuses it."""
+    def refuse(body, content_type):
+        raise ValueError(f"compressed messages are refused ({str(content_type)[:64]})")
+    kombu_message.decompress = refuse
+
+
+_refuse_compression()

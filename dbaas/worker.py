@@ -49,8 +49,9 @@ class Consumer(CeleryConsumer):
                     refuse(message, f"{type(exc).__name__}: {str(exc)[:200]}")
 
         def refuse(message, reason: str) -> None:
+            info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
             log.warning("refused message %s on %s: %s", intake.describe(message),
-                        message.delivery_info.get("routing_key"), reason)
+                        info.get("routing_key"), reason)
             message.reject_log_error(log, self.connection_errors, requeue=False)
 
         return on_task_received

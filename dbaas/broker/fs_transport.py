@@ -3,8 +3,8 @@
 URL: ``dbaasfs:///absolute/path/to/broker-dir`` (see ``dbaas.broker.broker_url_for``).
 The directory is created if missing::
 
-    messages/<stamp>_<id>.<queue>.msg     ready, oldest stamp first
-    messages/.<same name>.….tmp           being written; no queue's pattern matches it
+    messages/<queue>/<stamp>_<id>.<queue>.msg   ready, oldest stamp first
+    messages/<queue>/.<same name>.….tmp         being written
     unacked/<owner>.<message name>        claimed by a consumer, not yet acked
     owners/<pid>-<token>.lock             locked by a consuming (or declaring) process for its whole life
     users/<owner>.<queue>                 that process declared that auto-delete queue
@@ -16,6 +16,8 @@ What differs from kombu's transport, and why:
 
 * Publishing writes a temp file and renames it into place, so a consumer never
   reads half a message (kombu issue #1551).
+* A directory per queue: a poll lists only its own queue, so 20,000 messages waiting in
+  one queue do not make every poll of every other queue list them all.
 * Consuming renames the message into ``unacked/`` first: exactly one consumer
   wins the rename, and the message stays on disk until acked. A requeue or a
   restore-on-close renames it back; kombu would publish a copy instead.
@@ -43,6 +45,7 @@ Transport options: ``polling_interval`` (0.1 s), ``housekeeping_interval``
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import logging
 import os
@@ -66,6 +69,8 @@ from dbaas.files import write_atomically
 logger = logging.getLogger(__name__)
 
 MESSAGE_NAME = re.compile(r"(?P<stamp>\d{20})_[0-9a-f]{32}\.(?P<queue>.+)\.msg")
+# dbaas.files.write_atomically's temporary name for a message being written.
+TEMP_NAME = re.compile(r"\.(?P<name>.+\.msg)\.\d+\.[0-9a-f]+\.tmp")
 AUTODELETE = ".autodelete"
 
 _owners_guard = threading.Lock()
@@ -125,9 +130,29 @@ def _lock_if_dead(lock_file: Path) -> int | None:
 
 
 def _checked(queue: str) -> str:
-    if "/" in queue:  # queue names become file names
+    if "/" in queue or "\0" in queue or queue in ("", ".", ".."):  # queue names become paths
         raise ChannelError(f"invalid queue name {queue!r}")
     return queue
+
+
+def _valid_payload(payload) -> bool:
+    """Whether a message file holds what kombu will read without failing: it may have
+    been written by hand, or truncated by a power loss."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
+        return False
+    properties = payload["properties"]
+    if not isinstance(properties.get("delivery_tag"), (str, int)) or \
+            not isinstance(properties.get("delivery_info", {}), dict) or \
+            not isinstance(payload.get("headers") or {}, dict) or not isinstance(payload.get("body", ""), str):
+        return False
+    if properties.get("body_encoding") == "base64":
+        try:
+            base64.b64decode(payload.get("body", ""), validate=True)
+        except ValueError:
+            return False
+    elif properties.get("body_encoding") is not None:
+        return False
+    return True
 
 
 class Channel(filesystem.Channel):
@@ -144,12 +169,12 @@ class Channel(filesystem.Channel):
 
     def _put(self, queue, payload, **kwargs):
         name = f"{time_ns():020d}_{uuid4().hex}.{_checked(queue)}.msg"
-        write_atomically(self.connection.ready_dir / name, dumps(payload))
+        write_atomically(self.connection.queue_dir(queue) / name, dumps(payload))
 
     def _get(self, queue):
         self.connection.housekeep_if_due(self)
         for name in self._candidates(queue):
-            payload = self._claim(name)
+            payload = self._claim(queue, name)
             if payload is not None:
                 return payload
         raise Empty()
@@ -164,19 +189,24 @@ class Channel(filesystem.Channel):
             yield backlog.popleft()
 
     def _ready_files(self, queue):
-        wanted = f"{queue}.msg"
-        return sorted(n for n in os.listdir(self.connection.ready_dir) if n.partition(".")[2] == wanted)
+        try:
+            names = os.listdir(self.connection.ready_dir / _checked(queue))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
 
-    def _claim(self, name):
+    def _claim(self, queue, name):
         """The payload of message *name*, now ours; None if another consumer took it first."""
         transport = self.connection
         owned = f"{process_owner(transport.owners_dir)}.{name}"
         try:
-            os.rename(transport.ready_dir / name, transport.unacked_dir / owned)
+            os.rename(transport.ready_dir / queue / name, transport.unacked_dir / owned)
         except FileNotFoundError:
             return None
         try:
             payload = loads((transport.unacked_dir / owned).read_bytes())
+            if not _valid_payload(payload):
+                raise ValueError("not a message kombu can read")
             delivery_tag = payload["properties"]["delivery_tag"]
         except (ValueError, RecursionError, KeyError, TypeError):
             # A power loss (no fsync) can truncate a file, and a file written by hand may
@@ -198,7 +228,7 @@ class Channel(filesystem.Channel):
         """Requeue by renaming the claimed file back (kombu publishes a copy instead)."""
         owned = self.connection.unacked_by_tag.pop(message.delivery_tag, None)
         if owned is not None:
-            os.rename(self.connection.unacked_dir / owned, self.connection.ready_dir / owned.partition(".")[2])
+            self.connection.put_back(owned)
 
     def basic_ack(self, delivery_tag, multiple=False):
         super().basic_ack(delivery_tag, multiple)
@@ -255,7 +285,7 @@ class Channel(filesystem.Channel):
         purged = 0
         for name in self._ready_files(queue):
             with suppress(FileNotFoundError):
-                os.unlink(self.connection.ready_dir / name)
+                os.unlink(self.connection.ready_dir / queue / name)
                 purged += 1
         return purged
 
@@ -290,6 +320,31 @@ class Transport(filesystem.Transport):
         # delivery tag -> claimed file, for all channels: kombu may requeue through another channel
         self.unacked_by_tag = {}
         self._next_housekeeping = 0.0
+        self._queue_dirs: set[str] = set()
+        # Messages of the earlier layout (one directory for all queues) go to their queue's.
+        for name in os.listdir(self.ready_dir):
+            if (match := MESSAGE_NAME.fullmatch(name)) is not None:
+                with suppress(FileNotFoundError):
+                    os.rename(self.ready_dir / name, self.queue_dir(match["queue"]) / name)
+
+    def queue_dir(self, queue: str) -> Path:
+        """messages/<queue>, made on first use."""
+        directory = self.ready_dir / _checked(queue)
+        if queue not in self._queue_dirs:
+            directory.mkdir(exist_ok=True)
+            self._queue_dirs.add(queue)
+        return directory
+
+    def put_back(self, owned: str) -> bool:
+        """Rename a claimed message back into its queue; False if it is gone already."""
+        name = owned.partition(".")[2]
+        match = MESSAGE_NAME.fullmatch(name)
+        if match is None:
+            return False
+        with suppress(FileNotFoundError):
+            os.rename(self.unacked_dir / owned, self.queue_dir(match["queue"]) / name)
+            return True
+        return False
 
     def as_uri(self, uri, include_password=False, mask="**"):
         return uri
@@ -317,11 +372,8 @@ class Transport(filesystem.Transport):
         # Listed only now that the owners are known dead: they cannot claim more.
         recovered = 0
         for owned in os.listdir(self.unacked_dir):
-            owner, _, name = owned.partition(".")
-            if owner in dead:
-                with suppress(FileNotFoundError):
-                    os.rename(self.unacked_dir / owned, self.ready_dir / name)
-                    recovered += 1
+            if owned.partition(".")[0] in dead:
+                recovered += self.put_back(owned)
         for owner, fd in dead.items():
             with suppress(FileNotFoundError):
                 os.unlink(self.owners_dir / f"{owner}.lock")
@@ -334,12 +386,14 @@ class Transport(filesystem.Transport):
         stale temp files (their producer died mid-write). Other queues are never swept."""
         disposable = {n[: -len(AUTODELETE)] for n in os.listdir(self.control_dir) if n.endswith(AUTODELETE)}
         cutoff = time_ns() - int(self.transient_message_ttl * 1e9)
-        for name in os.listdir(self.ready_dir):
-            temp = name.startswith(".") and name.endswith(".tmp")
-            match = MESSAGE_NAME.fullmatch(name[1:-4] if temp else name)
-            if match and int(match["stamp"]) < cutoff and (temp or match["queue"] in disposable):
-                with suppress(FileNotFoundError):
-                    os.unlink(self.ready_dir / name)
+        for queue in os.listdir(self.ready_dir):
+            with suppress(FileNotFoundError, NotADirectoryError):
+                for name in os.listdir(self.ready_dir / queue):
+                    temp = TEMP_NAME.fullmatch(name)
+                    match = MESSAGE_NAME.fullmatch(temp["name"] if temp else name)
+                    if match and int(match["stamp"]) < cutoff and (temp or queue in disposable):
+                        with suppress(FileNotFoundError):
+                            os.unlink(self.ready_dir / queue / name)
 
     def delete_unused(self, channel):
         """Delete the auto-delete queues that no live process declared and that were last

@@ -209,9 +209,10 @@ class Broker:
         """Messages (ready and unacknowledged) per queue, of every queue the broker has."""
         if self.kind == "embedded":
             found: Counter = Counter()
-            for name in os.listdir(self.root / "messages"):
-                if name.endswith(".msg") and not name.startswith("."):
-                    found[name.split(".", 1)[1][:-len(".msg")]] += 1
+            for queue in os.listdir(self.root / "messages"):  # a directory per queue
+                for name in os.listdir(self.root / "messages" / queue):
+                    if name.endswith(".msg") and not name.startswith("."):
+                        found[queue] += 1
             for name in os.listdir(self.root / "unacked"):
                 found[name.split(".", 2)[2][:-len(".msg")] + " (unacked)"] += 1
             return dict(found)
@@ -229,11 +230,12 @@ class Broker:
         """Drop every message of these queues, the unacknowledged ones of dead consumers
         included (a poison message must not kill the worker started after it)."""
         if self.kind == "embedded":
-            for folder in ("messages", "unacked"):
-                for name in os.listdir(self.root / folder):
+            folders = [self.root / "unacked", *(self.root / "messages" / queue for queue in names)]
+            for folder in folders:
+                for name in os.listdir(folder) if folder.is_dir() else ():
                     if any(name.endswith(f".{queue}.msg") for queue in names):
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.root / folder / name)
+                            os.unlink(folder / name)
             return
         for name in names:
             with contextlib.suppress(Exception):
@@ -292,7 +294,8 @@ class Broker:
         write there (every local process: that broker has no users) may write it."""
         assert self.kind == "embedded"
         name = f"{time.time_ns():020d}_{uuid.uuid4().hex}.{queue_name}.msg"
-        write_atomically(self.root / "messages" / name, payload)
+        (self.root / "messages" / queue_name).mkdir(exist_ok=True)
+        write_atomically(self.root / "messages" / queue_name / name, payload)
         self.published[("file", queue_name)] += 1
         return name
 

@@ -95,8 +95,11 @@ class GuestQueue(bootsteps.ConsumerStep):
         # never global (quorum queues refuse a global prefetch).
         channel.basic_qos(0, 2 * config.heartbeat_batch_size, False)
         self.batcher = Batcher(self.c, channel, config)
+        # on_decode_error: a message kombu could not even build (see dbaas.intake) is refused
+        # through the same checks instead of raised through the worker.
         return [Consumer(channel, queues=[queue(config.conductor_queue, config.queue_type)], no_ack=False,
-                         on_message=self.batcher.on_message)]
+                         on_message=self.batcher.on_message,
+                         on_decode_error=lambda message, _exc: self.batcher.on_message(message))]
 
     def stop(self, c):
         if self.batcher:

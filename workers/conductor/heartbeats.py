@@ -1,10 +1,11 @@
 """conductor.heartbeat: liveness and datastore status, many heartbeats per transaction."""
 
 import time
-from collections import defaultdict
 from datetime import datetime
+from functools import cache
 
-from sqlalchemy import case, update
+from sqlalchemy import DateTime, String, and_, bindparam, case, column, func, or_, update, values
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from dbaas import settings, wire
@@ -40,44 +41,64 @@ def apply_heartbeats(session: Session, heartbeats: list[Heartbeat], now: datetim
 def _apply_newest(session: Session, newest: dict[str, Heartbeat], now: datetime) -> set[str]:
     applied = ordering.advance(
         session, ordering.HEARTBEAT, {i: beat.sent for i, beat in newest.items()})
-    # Most heartbeats of a batch say the same thing: one UPDATE per distinct content.
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for instance_id in sorted(applied):
-        beat = newest[instance_id]
-        groups[(beat.service_status, beat.guest_agent_version)].append(instance_id)
-    for (status, version), instance_ids in groups.items():
-        session.execute(
-            update(Instance)
-            .where(Instance.id.in_(instance_ids), Instance.deleted.is_(False))
-            .values(_heartbeat_values(status, version, now))
-            .execution_options(synchronize_session=False)
-        )
+    if not applied:
+        return applied
+    keys = sorted(applied)
+    statuses = [newest[k].service_status for k in keys]
+    versions = [newest[k].guest_agent_version for k in keys]
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_postgresql_update(),
+                        {"keys": keys, "statuses": statuses, "versions": versions, "now": now})
+    else:
+        # A CTE: SQLite takes no column names after a VALUES subquery's alias.
+        beats = values(column("key", String), column("status", String), column("version", String),
+                       name="beats").data(list(zip(keys, statuses, versions))).cte("beats")
+        session.execute(_update(beats), {"now": now})
     return applied
 
 
-def _heartbeat_values(status: str | None, version: str | None, now: datetime) -> dict:
-    values: dict = {"last_heartbeat": now}
-    if version is not None:
-        values["guest_agent_version"] = version
-    if status is None:
-        return values
+@cache
+def _postgresql_update():
+    """The batch as array parameters: one SQL text for any batch, compiled once (SQLite
+    takes the rows as VALUES)."""
+    beats = func.unnest(bindparam("keys", type_=ARRAY(String)),
+                        bindparam("statuses", type_=ARRAY(String)),
+                        bindparam("versions", type_=ARRAY(String))
+                        ).table_valued("key", "status", "version").render_derived("beats")
+    return _update(beats)
+
+
+def _update(beats):
+    """One UPDATE for a whole batch, each instance from its own row of ``beats`` (key,
+    status, version; status and version are null in a liveness-only heartbeat)."""
+    status, version, now = beats.c.status, beats.c.version, bindparam("now", type_=DateTime)
     # Only the control plane clears a sticky status such as "restart required".
-    sticky = Instance.service_status.in_(wire.STICKY_SERVICE_STATUSES)
-    values["service_status"] = case((sticky, Instance.service_status), else_=status)
-    values["service_status_updated"] = case((sticky, Instance.service_status_updated), else_=now)
-    # A build ends when the datastore answers; a restart when the guest reports anything
-    # but that it is still under way (a datastore that did not come back ends it too).
-    ended = ({"BUILDING"} if status in ALIVE_SERVICE_STATUSES else set()) | (
-        set() if status in RESTART_UNDER_WAY else {"REBOOTING"})
-    if ended:
-        values["task_status"] = case(
-            (Instance.task_status.in_(sorted(ended)), "NONE"), else_=Instance.task_status)
-    if status in ALIVE_SERVICE_STATUSES:
-        expired = Instance.fault_kind == HEARTBEAT_EXPIRED
-        values["fault_kind"] = case((expired, None), else_=Instance.fault_kind)
-        values["fault_message"] = case((expired, None), else_=Instance.fault_message)
-        values["fault_at"] = case((expired, None), else_=Instance.fault_at)
-    return values
+    keep_status = or_(status.is_(None),
+                      Instance.service_status.in_(sorted(wire.STICKY_SERVICE_STATUSES)))
+    alive = status.in_(sorted(ALIVE_SERVICE_STATUSES))
+    expired = and_(alive, Instance.fault_kind == HEARTBEAT_EXPIRED)
+    return (
+        update(Instance)
+        .where(Instance.id == beats.c.key, Instance.deleted.is_(False))
+        .values(
+            last_heartbeat=now,
+            guest_agent_version=func.coalesce(version, Instance.guest_agent_version),
+            service_status=case((keep_status, Instance.service_status), else_=status),
+            service_status_updated=case((keep_status, Instance.service_status_updated), else_=now),
+            # A build ends when the datastore answers; a restart when the guest reports
+            # anything but that it is still under way (a datastore that did not come back
+            # ends it too).
+            task_status=case(
+                (and_(alive, Instance.task_status == "BUILDING"), "NONE"),
+                (and_(status.is_not(None), status.not_in(sorted(RESTART_UNDER_WAY)),
+                      Instance.task_status == "REBOOTING"), "NONE"),
+                else_=Instance.task_status),
+            fault_kind=case((expired, None), else_=Instance.fault_kind),
+            fault_message=case((expired, None), else_=Instance.fault_message),
+            fault_at=case((expired, None), else_=Instance.fault_at),
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def handle(session: Session, tasks: list, now: datetime | None = None) -> tuple[list, int]:

@@ -256,13 +256,16 @@ class Agent(ConsumerMixin):
         # on_message: the raw message, decoded by our own checks (kombu's decoder would
         # raise on a malformed body right through this loop).
         return [Consumer(queues=[command_queue(self.config.instance_id, declare=False)],
-                         prefetch_count=1, on_message=self.on_message)]
+                         prefetch_count=1, on_message=self.on_message,
+                         on_decode_error=lambda message, _exc: self.on_message(message))]
 
     def on_message(self, message) -> None:
         """Carry out one command, then acknowledge it, whatever the outcome: a refused or
         failed command redelivered would only be refused or fail again."""
         try:
             try:
+                if message.errors:  # what kombu could not do while building it
+                    raise intake.Refused(f"undecodable message: {message.errors[0][1]}"[:200])
                 body = intake.decode_json(message.body, message.content_type,
                                           message.content_encoding, COMMAND_MAX_BYTES)
             except intake.Refused as exc:

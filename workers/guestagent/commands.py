@@ -57,7 +57,7 @@ def verify_command(secret: str, body, headers) -> tuple[str, dict]:
         raise CommandRefused("malformed command")
     command, args = body["command"], body["args"]
     try:
-        signing.verify_service(secret, (headers or {}).get(wire.AUTH_HEADER),
+        signing.verify_service(secret, headers.get(wire.AUTH_HEADER) if isinstance(headers, dict) else None,
                                f"guest.{command}", [], args, callee="guest agent")
     except signing.AuthError as exc:
         raise CommandRefused(f"unauthenticated command: {exc}") from None

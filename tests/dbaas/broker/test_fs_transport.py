@@ -117,6 +117,11 @@ def files(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
+def ready(messages):
+    """Message files waiting in every queue's directory under ``messages``."""
+    return sorted(p.name for queue in messages.iterdir() for p in queue.iterdir())
+
+
 def publish(url, ids, queue=Queue("work", Exchange("work"), "work"), **options):
     with Connection(url, transport_options=options) as conn:
         producer = conn.Producer()
@@ -146,7 +151,7 @@ def test_concurrent_producers_and_consumers_lose_and_corrupt_nothing(tmp_path, s
     assert len(got) - len(set(got)) == 0, "duplicates without any crash"
     assert all(len(lines(path)) > 0 for path in received), "every consumer got a share"
     assert files(tmp_path / "broker" / "unacked") == []
-    assert files(tmp_path / "broker" / "messages") == []
+    assert ready(tmp_path / "broker" / "messages") == []
 
 
 def test_messages_held_by_a_killed_consumer_go_to_another_consumer(tmp_path, spawn):
@@ -176,20 +181,20 @@ def test_reject_with_requeue_puts_the_message_back_once(tmp_path):
     queue = Queue("work", Exchange("work"), "work")
     with Connection(url) as conn:
         first = queue(conn.channel()).get(no_ack=False)
-        assert files(broker / "messages") == [] and len(files(broker / "unacked")) == 1
+        assert ready(broker / "messages") == [] and len(files(broker / "unacked")) == 1
         first.reject(requeue=True)
-        assert len(files(broker / "messages")) == 1 and files(broker / "unacked") == []
+        assert len(ready(broker / "messages")) == 1 and files(broker / "unacked") == []
 
         again = queue(conn.channel()).get(no_ack=False)
         assert again.payload["id"] == "only"
         assert queue(conn.channel()).get(no_ack=False) is None
     # closing the connection restored the unacked message, once, without a kombu-style copy
-    assert len(files(broker / "messages")) == 1 and files(broker / "unacked") == []
+    assert len(ready(broker / "messages")) == 1 and files(broker / "unacked") == []
     with Connection(url) as conn:
         last = queue(conn.channel()).get(no_ack=False)
         last.ack()
         assert queue(conn.channel()).get(no_ack=False) is None
-    assert files(broker / "messages") == [] and files(broker / "unacked") == []
+    assert ready(broker / "messages") == [] and files(broker / "unacked") == []
 
 
 def test_a_forked_child_leaves_its_parents_unacked_messages_alone(tmp_path):
@@ -215,7 +220,7 @@ def test_a_forked_child_leaves_its_parents_unacked_messages_alone(tmp_path):
 def test_an_undecodable_file_is_set_aside_not_delivered(tmp_path):
     url = broker_url_for(tmp_path / "broker")
     publish(url, ["good"])
-    (tmp_path / "broker" / "messages" / f"{0:020d}_{'0' * 32}.work.msg").write_bytes(b'{"trunc')  # sorts first
+    (tmp_path / "broker" / "messages" / "work" / f"{0:020d}_{'0' * 32}.work.msg").write_bytes(b'{"trunc')  # sorts first
     with Connection(url) as conn:
         assert Queue("work", Exchange("work"), "work")(conn.channel()).get(no_ack=True).payload["id"] == "good"
     assert len(files(tmp_path / "broker" / "corrupt")) == 1
@@ -223,18 +228,18 @@ def test_an_undecodable_file_is_set_aside_not_delivered(tmp_path):
 
 def test_sweep_removes_stale_fanout_messages_but_never_task_messages(tmp_path):
     url = broker_url_for(tmp_path / "broker")
-    ready = tmp_path / "broker" / "messages"
+    messages = tmp_path / "broker" / "messages"
     events = Queue("events.node1", Exchange("events", type="fanout"), auto_delete=True, durable=False)
     tasks = Queue("tasks", Exchange("tasks"), "tasks")
     options = {"transient_message_ttl": 0.3}
     publish(url, ["e1", "e2"], events, **options)
     publish(url, ["t1", "t2"], tasks, **options)
     # what a producer killed mid-write leaves behind
-    (ready / f".{time.time_ns():020d}_{'0' * 32}.tasks.msg.tmp").write_bytes(b"{")
+    (messages / "tasks" / f".{time.time_ns():020d}_{'0' * 32}.tasks.msg.4242.0badcafe.tmp").write_bytes(b"{")
     time.sleep(0.5)
     publish(url, ["e3"], events, **options)  # its channel opening sweeps
 
-    names = files(ready)
+    names = ready(messages)
     assert len([n for n in names if n.endswith(".events.node1.msg")]) == 1
     assert len([n for n in names if n.endswith(".tasks.msg")]) == 2
     assert not [n for n in names if n.endswith(".tmp")]
@@ -295,7 +300,7 @@ def test_the_event_queue_of_a_killed_events_consumer_goes_with_its_binding(tmp_p
     """`celery events` killed with SIGKILL: its queue stops getting a copy of every event
     once the queue is older than the TTL; a live consumer's queue stays, however old."""
     url = broker_url_for(tmp_path / "broker")
-    control, ready = tmp_path / "broker" / "control", tmp_path / "broker" / "messages"
+    control, messages = tmp_path / "broker" / "control", tmp_path / "broker" / "messages"
     (tmp_path / "tinyapp.py").write_text(TINY_APP)
 
     def event_queues():
@@ -322,7 +327,7 @@ def test_the_event_queue_of_a_killed_events_consumer_goes_with_its_binding(tmp_p
             dispatcher.send("worker-heartbeat", freq=2.0, active=0, processed=0, loadavg=[0, 0, 0],
                             sw_ident="probe", sw_ver="1", sw_sys="Linux")
         heartbeat()
-        assert [n for n in files(ready) if n.endswith(f".{doomed_queue}.msg")], "copies go to the dead queue"
+        assert [n for n in ready(messages) if n.endswith(f".{doomed_queue}.msg")], "copies go to the dead queue"
 
         time.sleep(0.6)
         # Both queues were declared longer than this TTL ago; a channel's opening housekeeps.
@@ -332,7 +337,7 @@ def test_the_event_queue_of_a_killed_events_consumer_goes_with_its_binding(tmp_p
 
         assert event_queues() == {live_queue}
         assert not (control / f"{doomed_queue}.autodelete").exists()
-        assert not [n for n in files(ready) if n.endswith(f".{doomed_queue}.msg")]
+        assert not [n for n in ready(messages) if n.endswith(f".{doomed_queue}.msg")]
         wait_until(lambda: (tmp_path / "live.log").read_text().count("probe@test") == 2, 15,
                    "the live consumer's copies")
     assert live.poll() is None
