@@ -9,9 +9,9 @@ from tests.support.services import ROOT, project_env
 
 UNREACHABLE = {
     "PostgreSQL": ("DBAAS_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:1/postgres",
-                   "tests/conductor/test_sweeps.py::test_build_timeout_turns_error_once"),
+                   "tests/workers/conductor/test_sweeps.py::test_build_timeout_turns_error_once"),
     "RabbitMQ": ("DBAAS_TEST_AMQP_HOST", "127.0.0.1:1",
-                 "tests/conductor/test_conductor_processes.py::"
+                 "tests/workers/conductor/test_conductor_processes.py::"
                  "test_database_outage_means_retries_not_loss"),
 }
 

@@ -66,4 +66,5 @@ def test_the_taskmanager_reaches_guests_only_through_their_api():
     guest_side = {name for name in loaded if name.startswith("workers.guestagent")}
     assert "workers.guestagent.api" in guest_side
     assert guest_side <= {"workers.guestagent", "workers.guestagent.api",
-                          "workers.guestagent.commands", "workers.guestagent.config"}
+                          "workers.guestagent.commands", "workers.guestagent.config",
+                          "workers.guestagent.pidlock"}

@@ -74,7 +74,9 @@ def test_every_procfile_process_runs_and_an_instance_becomes_active(tmp_path):
         manage("instance", "delete", view["id"])
         wait_until(lambda: not (tmp_path / "var" / "instances" / view["id"]).exists(), timeout=60,
                    message="the instance's directory removed")
-        assert manage("instance", "list", "--json").strip() == "[]"
+        # The directory goes before the taskmanager reports the delete to the conductor.
+        wait_until(lambda: manage("instance", "list", "--json").strip() == "[]", timeout=30,
+                   message="the instance gone from the list")
         wait_until(lambda: "Sending due task timeout-sweep" in (tmp_path / "honcho.log").read_text(errors="replace"),
                    timeout=30, message="beat sending the sweep")
     finally:
