@@ -42,31 +42,44 @@ def use_private_directory() -> None:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    # The guests' queue is served by the main process alone, which also serves the
+    # metrics: its metrics stay in memory (a file-backed value costs ~3 µs per update, on
+    # the hottest path). They are made before the switch below.
+    _guest_metrics()
     # prometheus_client picks its value class when first imported, and the `celery`
     # command has imported it already (Flower's command plugin): metrics made from now on
-    # (ours: see _metrics) must use the multiprocess one.
+    # (the pool processes': see _pool_metrics) must use the multiprocess one.
     values.ValueClass = values.MultiProcessValue()
 
 
 @functools.cache
-def _metrics() -> SimpleNamespace:
-    """Made on first use, after a worker chose where they are kept."""
+def _guest_metrics() -> SimpleNamespace:
+    """Counted by the main process (the guests' queue); not registered with the default
+    registry: ``serve`` registers them beside the pool processes' files."""
     return SimpleNamespace(
         guest_messages=Counter(
             "dbaas_guest_messages_total",
             "Guests' messages by task and outcome: applied, or stale (not newer than one "
-            "applied before: discarded)", ["task", "outcome"]),
+            "applied before: discarded)", ["task", "outcome"], registry=None),
         refusals=Counter(
             "dbaas_guest_messages_refused_total",
             "Guests' messages refused, by reason: malformed, too_large, headers, encoding, "
-            "depth, unauthenticated, not_allowed, user_id, revoked, invalid, failed", ["reason"]),
+            "depth, unauthenticated, not_allowed, user_id, revoked, invalid, failed", ["reason"],
+            registry=None),
         batch_size=Histogram(
             "dbaas_guest_batch_messages", "Guests' messages written per transaction",
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)),
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=None),
         latency=Histogram(
             "dbaas_heartbeat_send_to_commit_seconds",
             "From a heartbeat's `sent` (the guest's clock) to the commit that applied it",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=None),
+    )
+
+
+@functools.cache
+def _pool_metrics() -> SimpleNamespace:
+    """Counted by pool processes (sweeps), kept in this worker's files."""
+    return SimpleNamespace(
         sweeps=Counter("dbaas_sweeps_total", "Timeout sweeps run"),
         sweep_changes=Counter(
             "dbaas_sweep_changes_total",
@@ -76,14 +89,14 @@ def _metrics() -> SimpleNamespace:
 
 
 def refused(kind: str) -> None:
-    _metrics().refusals.labels(kind).inc()
+    _guest_metrics().refusals.labels(kind).inc()
 
 
 def batch_settled(size: int, accepted: dict[str, int], applied: dict[str, int],
                   latencies: list[float]) -> None:
     """One batch committed: its size, per task how many were accepted and applied (the
     rest were stale), and each heartbeat's send-to-commit latency."""
-    metrics = _metrics()
+    metrics = _guest_metrics()
     metrics.batch_size.observe(size)
     for task, count in accepted.items():
         metrics.guest_messages.labels(task, "applied").inc(applied[task])
@@ -93,7 +106,7 @@ def batch_settled(size: int, accepted: dict[str, int], applied: dict[str, int],
 
 
 def sweep_done(changes: dict[str, int]) -> None:
-    metrics = _metrics()
+    metrics = _pool_metrics()
     metrics.sweeps.inc()
     for change, count in changes.items():
         metrics.sweep_changes.labels(change).inc(count)
@@ -147,6 +160,8 @@ def serve(queues: list[str]) -> None:
     config = settings.get()
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
+    for metric in vars(_guest_metrics()).values():
+        registry.register(metric)
     registry.register(StateCollector(queues))
     try:
         start_http_server(config.metrics_port, addr=config.metrics_address, registry=registry)
