@@ -17,7 +17,6 @@ retries or replies on this path.
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from celery import bootsteps
@@ -114,13 +113,6 @@ class GuestQueue(bootsteps.ConsumerStep):
 
 
 class Batcher:
-    """Runs in the consumer's thread, but for the transactions: those run one at a time on
-    a thread of their own, so that the next batch is received and checked while the last
-    one commits (psycopg2 waits for PostgreSQL without holding the GIL). Deliveries are
-    only ever settled from the consumer's thread: kombu channels are not thread-safe."""
-
-    POLL = 0.002  # how often the consumer's thread looks for a finished transaction
-
     def __init__(self, consumer, channel, config):
         self.consumer = consumer
         self.size = config.heartbeat_batch_size
@@ -139,9 +131,7 @@ class Batcher:
         self.pending: list[Delivery] = []
         self.timer_armed = False
         self.retry_delay = 0.0
-        self.generation = 0  # bumped by forget(): what was armed or sent before is void
-        self.database = ThreadPoolExecutor(1, thread_name_prefix="guests-transactions")
-        self.in_flight: tuple[Future, list[Delivery]] | None = None
+        self.generation = 0  # bumped by forget(): a timer armed before must not flush
 
     def on_message(self, message) -> None:
         try:
@@ -157,82 +147,51 @@ class Batcher:
         self.pending.append(Delivery(message, task))
         if len(self.pending) >= self.size and not self.retry_delay:
             self.flush()
-        elif not self.timer_armed and self.in_flight is None:
+        elif not self.timer_armed:
             self._arm(self.interval)
 
     def forget(self) -> None:
-        """The channel is gone, and with it every delivery not settled yet: the broker
-        hands them out again."""
         self.pending = []
         self.generation += 1
         self.timer_armed = False
-        self.in_flight = None
 
-    def _arm(self, delay: float, then=None) -> None:
-        """Call ``then`` (by default: flush what is pending) in the consumer's thread
-        after ``delay``, unless forget() came first."""
-        if then is None:
-            self.timer_armed = True
-        arguments = (then or self._on_timer, self.generation)
+    def _arm(self, delay: float) -> None:
+        self.timer_armed = True
+        generation = self.generation
         if self.consumer.hub is not None:
-            # The hub's timer fires inside the consumer's loop: act right there.
+            # The hub's timer fires inside the consumer's loop: flush right there.
             # (Hub.call_soon from the loop's own thread would not wake it: the batch
             # would wait for the next message or an unrelated timer.)
-            self.consumer.timer.call_after(delay, self._fire, arguments)
+            self.consumer.timer.call_after(delay, self._on_timer, (generation,))
         else:
-            # A timer thread: hand it to the consumer's thread.
-            self.consumer.timer.call_after(delay, self.consumer.call_soon, (self._fire, *arguments))
+            # A timer thread: hand the flush to the consumer's thread.
+            self.consumer.timer.call_after(delay, self.consumer.call_soon, (self._on_timer, generation))
 
-    def _fire(self, action, generation: int) -> None:
-        if generation == self.generation:
-            action()
-
-    def _on_timer(self) -> None:
+    def _on_timer(self, generation: int) -> None:
+        if generation != self.generation:
+            return
         self.timer_armed = False
         self.flush()
 
     def flush(self) -> None:
-        """Hand the oldest pending messages to the transaction thread, unless a batch is
-        there already (the next one goes when it is settled)."""
-        if self.in_flight is not None:
-            return
         batch, self.pending = self.pending[:self.size], self.pending[self.size:]
         if not batch:
             return
-        future = self.database.submit(self._run_batch, [delivery.task for delivery in batch])
-        self.in_flight = (future, batch)
-        self._arm(self.POLL, self._poll)
-
-    def _poll(self) -> None:
-        future, batch = self.in_flight
-        if not future.done():
-            self._arm(self.POLL, self._poll)
-            return
-        self.in_flight = None
         try:
-            outcome = future.result()
+            outcome = self._run_batch([delivery.task for delivery in batch])
         except Exception as exc:
             if not db.is_retryable(exc):
-                # Not a message's fault (those are refused one by one): the broker keeps
-                # the batch rather than this consumer stranding it unacknowledged.
-                log.exception("guests' queue: a batch of %d failed; handing it back", len(batch))
-                for delivery in batch:
-                    delivery.message.reject_log_error(log, self.errors, requeue=True)
-                outcome = None
-            else:
-                self.pending = batch + self.pending
-                self.retry_delay = min(max(self.retry_delay * 2, 0.1), 5.0)
-                log.warning("guests' queue: database unavailable (%s); %d messages kept, retry in %.1fs",
-                            exc, len(self.pending), self.retry_delay)
-                self._arm(self.retry_delay)
-                return
-        if outcome is not None:
-            self.retry_delay = 0.0
-            self._settle(batch, outcome)
-        if len(self.pending) >= self.size:
-            self.flush()
-        elif self.pending and not self.timer_armed:
-            self._arm(self.interval)
+                raise
+            self.pending = batch + self.pending
+            self.retry_delay = min(max(self.retry_delay * 2, 0.1), 5.0)
+            log.warning("guests' queue: database unavailable (%s); %d messages kept, retry in %.1fs",
+                        exc, len(self.pending), self.retry_delay)
+            self._arm(self.retry_delay)
+            return
+        self.retry_delay = 0.0
+        self._settle(batch, outcome)
+        if self.pending and not self.timer_armed:
+            self._arm(0 if len(self.pending) >= self.size else self.interval)
 
     def _settle(self, batch: list[Delivery], outcome: Outcome) -> None:
         """Refused ones rejected one by one, the rest acknowledged. Everything delivered
