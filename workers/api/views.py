@@ -68,6 +68,12 @@ def instance(request: Request, record: dict, admin: bool = False) -> dict:
         body["addresses"] = [{"address": record["host"], "type": "private"}]
     if record["port"]:
         body["port"] = record["port"]
+    # A file's path is the control plane's business, not a tenant's: only network logins.
+    if record["connection"] and record["connection"].get("host"):
+        body["connection"] = record["connection"]
+    # The administrator's password is in the create answer only (Trove's root_on_create).
+    if record.get("password"):
+        body["password"] = record["password"]
     if admin:
         body["tenant_id"] = project_id
     return body

@@ -8,6 +8,9 @@ import os
 import signal
 import socket
 import time
+from contextlib import closing
+
+import psycopg2
 
 from tests.support.services import wait_until
 from tests.support.stack import processes_of
@@ -87,6 +90,28 @@ def test_the_openstack_cli_drives_an_instance_from_create_to_delete(reachable_va
     assert (active["datastore"], active["datastore_version"], active["flavor"], active["volume"]) == (
         "postgresql", "15", "1", 1)
     socket.create_connection((active["ip"], active["port"]), timeout=10).close()  # the server is there
+    assert show("instance", "db1")["connection"] == {
+        "host": active["ip"], "port": active["port"], "user": "admin", "database": "postgres"}
+
+    # Trove's root-enable: a new administrator password, with which a real client logs in.
+    assert api.openstack_json("database", "root", "show", "db1", **token)["is_root_enabled"] is True
+    root = api.openstack_json("database", "root", "enable", "db1", **token)
+    assert root["name"] == "admin" and len(root["password"]) >= 16
+
+    def logs_in():
+        try:
+            with closing(psycopg2.connect(host=active["ip"], port=active["port"], user=root["name"],
+                                          password=root["password"], dbname="postgres",
+                                          connect_timeout=5)) as client, client.cursor() as cursor:
+                cursor.execute("select current_user")
+                return cursor.fetchone()[0]
+        except psycopg2.OperationalError:
+            return None  # the guest has not set the new password yet
+    assert wait_until(logs_in, timeout=60, interval=1, message="a login with the new password") == "admin"
+    refused = api.openstack("database", "root", "enable", "db1", "--root_password", "chosen-by-me", **token)
+    assert refused.returncode != 0 and "generated" in refused.stderr
+    root["password"] = "not-" + root["password"]
+    assert logs_in() is None  # PostgreSQL asks for the password
     listed = api.openstack_json("database", "instance", "list", **token)
     assert [(i["Name"], i["Status"], i["Datastore"]) for i in listed] == [("db1", "ACTIVE", "postgresql")]
 
