@@ -18,7 +18,7 @@ app = Celery("dbaas")
 app.config_from_object("celeryconfig")
 
 # Set in a conductor worker that consumes the guests' queue: that queue is handed to its
-# own consumer (workers/conductor/guest_consumer.py), not to Celery's task consumer.
+# own consumer (workers/conductor/consumer.py), not to Celery's task consumer.
 guest_queue: str | None = None
 
 

@@ -2,7 +2,7 @@
 
 Each kind rotates through a few variants (message index modulo their number) so that one
 kind covers its class, not one byte pattern. Every builder returns kombu publish kwargs.
-What dbaas/intake.py (on arrival) and workers/conductor/guest_consumer.py (after the
+What dbaas/intake.py (on arrival) and workers/conductor/consumer.py (after the
 credential lookup) refuse them for is listed in ``EXPECTED``: the bench checks each
 refusal's log line against it.
 """

@@ -13,7 +13,7 @@ from bench.hb.cpu import memory_kb, tree_rss_kb
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "trove-conductor"
-REFUSED = b"on the guests' queue"   # guest_consumer.Batcher.refuse: "refused %s on the guests' queue: %s"
+REFUSED = b"on the guests' queue"   # consumer.Batcher.refuse: "refused %s on the guests' queue: %s"
 
 
 class Conductor:
@@ -179,34 +179,34 @@ AREAS = [  # (marker in a frame, area): the leaf's library, first match wins
     ("(uuid.py", "uuid"),
 ]
 # Entry points worth an inclusive figure (matched with or without a class prefix).
-INCLUSIVE = ("on_message (workers/conductor/guest_consumer.py)", "flush (workers/conductor/guest_consumer.py)",
+INCLUSIVE = ("on_message (workers/conductor/consumer.py)", "flush (workers/conductor/consumer.py)",
              "check_task_message (dbaas/intake.py)", "decode_json (dbaas/intake.py)",
              "check_headers (dbaas/intake.py)", "check_body (dbaas/intake.py)", "within_depth (dbaas/intake.py)",
              "verify_sender (dbaas/intake.py)", "verify_claim (dbaas/signing.py)",
              "guest_secret (dbaas/signing.py)", "mac (dbaas/signing.py)", "canonical (dbaas/signing.py)",
              "loads (json/__init__.py)", "run_transaction (dbaas/db.py)",
-             "apply_batch (workers/conductor/guest_consumer.py)",
+             "apply_batch (workers/conductor/consumer.py)",
              "refuse_revoked (workers/conductor/auth.py)", "handle (workers/conductor/heartbeats.py)",
              "parse_heartbeat (workers/conductor/messages.py)", "advance (workers/conductor/ordering.py)",
              "_apply_newest (workers/conductor/heartbeats.py)", "commit (sqlalchemy/orm/session.py)",
              "execute (sqlalchemy/orm/session.py)", "do_execute (sqlalchemy/engine/default.py)",
-             "_settle (workers/conductor/guest_consumer.py)", "refuse (workers/conductor/guest_consumer.py)",
+             "_settle (workers/conductor/consumer.py)", "refuse (workers/conductor/consumer.py)",
              "_receive_callback (kombu/messaging.py)", "Message.__init__ (kombu/transport/pyamqp.py)",
              "_on_basic_deliver (amqp/channel.py)", "on_frame (amqp/method_framing.py)",
              "_read (amqp/transport.py)", "read_frame (amqp/transport.py)", "having_timeout (amqp/transport.py)",
              "uuid4 (uuid.py)")
 # Where a sample's time goes, by the first of these found in its stack (innermost first).
 STAGES = [
-    ("refuse (workers/conductor/guest_consumer.py)", "refusing (log line + basic.reject)"),
+    ("refuse (workers/conductor/consumer.py)", "refusing (log line + basic.reject)"),
     ("do_execute (sqlalchemy/engine/default.py)", "batch: psycopg2 executing SQL"),
     ("commit (sqlalchemy/orm/session.py)", "batch: commit"),
     ("run_transaction (dbaas/db.py)", "batch: SQLAlchemy + conductor code around the SQL"),
-    ("_settle (workers/conductor/guest_consumer.py)", "acknowledging (basic.ack multiple)"),
+    ("_settle (workers/conductor/consumer.py)", "acknowledging (basic.ack multiple)"),
     ("within_depth (dbaas/intake.py)", "intake: nesting-depth walks"),
     ("verify_sender (dbaas/intake.py)", "intake: signature (canonical JSON + 2 HMACs)"),
     ("decode_json (dbaas/intake.py)", "intake: JSON decoding"),
     ("check_task_message (dbaas/intake.py)", "intake: other checks (headers, body shape)"),
-    ("on_message (workers/conductor/guest_consumer.py)", "consumer: batching bookkeeping, timers"),
+    ("on_message (workers/conductor/consumer.py)", "consumer: batching bookkeeping, timers"),
     ("_receive_callback (kombu/messaging.py)", "receiving: kombu message objects"),
     ("drain_events (amqp/connection.py)", "receiving: py-amqp frames, socket reads, header tables"),
 ]

@@ -11,7 +11,7 @@ from dbaas import db, settings
 from dbaas.celery import app
 from workers.conductor import api, manager, metrics
 from workers.conductor.auth import Principal
-from workers.conductor.guest_consumer import GuestQueue
+from workers.conductor.consumer import GuestQueue
 from workers.conductor.task_base import ConductorCall, ConductorTask
 
 app.steps["consumer"].add(GuestQueue)

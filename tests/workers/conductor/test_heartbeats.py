@@ -13,7 +13,7 @@ from dbaas import db, intake, settings, signing, wire
 from dbaas.models import Instance, Watermark
 from dbaas.status import HEARTBEAT_EXPIRED
 from workers.conductor import heartbeats, instances, ordering
-from workers.conductor.guest_consumer import apply_batch
+from workers.conductor.consumer import apply_batch
 from workers.conductor.messages import Heartbeat
 
 T0 = datetime(2030, 1, 1, 12, 0, 0)
@@ -73,7 +73,7 @@ def apply(*beats: Heartbeat, now: datetime = T0) -> set[str]:
 
 def handle(*envelopes: Envelope, now: datetime = T0) -> list:
     """As the guests' queue handles them: each sender verified on arrival (dbaas.intake),
-    then the verified ones applied in one batch (guest_consumer.apply_batch)."""
+    then the verified ones applied in one batch (consumer.apply_batch)."""
     verdicts: list = [None] * len(envelopes)
     accepted = []
     for index, envelope in enumerate(envelopes):
