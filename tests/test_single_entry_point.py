@@ -4,7 +4,6 @@ leads nowhere and never even imports the database layer, and the whole lifecycle
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.imports import guarded
-from tests.support.services import ROOT, Worker, wait_until
+from tests.support.services import ROOT, Beat, Process, Worker, wait_until
 from tests.support.stack import Running
 
 
@@ -26,28 +25,6 @@ def test_the_guard_sees_an_import_even_when_it_is_swallowed(tmp_path):
     assert "imported sqlalchemy" in log.read_text()
 
 
-class Process:
-    """A control-plane process other than a worker (beat, Flower)."""
-
-    def __init__(self, args: list[str], env: dict, log_path: Path):
-        self.log_path = log_path
-        with open(log_path, "ab") as out:
-            self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-
-
 def test_the_whole_lifecycle_with_only_the_conductor_holding_the_database(stack, tmp_path):
     imports = tmp_path / "imports.log"
     imports.touch()
@@ -55,8 +32,7 @@ def test_the_whole_lifecycle_with_only_the_conductor_holding_the_database(stack,
     system.client_env = guarded({**system.client_env, "DBAAS_SWEEP_INTERVAL": "1"}, imports)
     system.taskmanager = Worker(system.client_env, tmp_path / "taskmanager.log", queue="trove-taskmanager")
     system.start()
-    beat = Process([sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
-                    "-s", str(tmp_path / "beat-schedule")], system.client_env, tmp_path / "beat.log")
+    beat = Beat(system.client_env, tmp_path)
     try:
         created = system.ok("instance", "create", "db1", "--wait", "--timeout", "120", "--json")
         assert created["status"] == "ACTIVE"

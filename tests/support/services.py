@@ -159,6 +159,36 @@ class Worker:
             self._log.close()
 
 
+class Process:
+    """A control-plane process other than a worker (beat, Flower), in a session of its own."""
+
+    def __init__(self, args: list[str], env: dict, log_path: Path):
+        self.log_path = log_path
+        with open(log_path, "ab") as out:
+            self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=20)
+
+
+class Beat(Process):
+    """``celery -A dbaas beat``, its log and schedule in ``directory``."""
+
+    def __init__(self, env: dict, directory: Path):
+        super().__init__([sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
+                          "-s", str(directory / "beat-schedule")], env, directory / "beat.log")
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

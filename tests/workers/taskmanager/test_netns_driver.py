@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import struct
@@ -32,7 +31,7 @@ import pytest
 from dbaas import db
 from dbaas.models import Backup
 from dbaas.status import api_status
-from tests.support.services import ROOT, wait_until
+from tests.support.services import Beat, wait_until
 from tests.support.stack import Running, configure, instance_row, processes_of
 from workers.guestagent.datastores import postgresql as pg
 from workers.guestagent.datastores.postgresql import bin_dir
@@ -83,17 +82,11 @@ def netns_system(stack, reachable_var_dir, tmp_path):
         running.seen, running.log_dir = seen, tmp_path
         started.append(running.start())
         if beat:
-            with open(tmp_path / "beat.log", "ab") as log:
-                beats.append(subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
-                     "-s", str(tmp_path / "beat-schedule")],
-                    cwd=ROOT, env=running.client_env, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True))
+            beats.append(Beat(running.client_env, tmp_path))
         return running
     yield launch
     for beat in beats:
-        os.killpg(beat.pid, signal.SIGTERM)
-        beat.wait(timeout=30)
+        beat.stop()
     root = Path(instances_root())
     if root.exists():
         seen.update(path.name for path in root.iterdir())

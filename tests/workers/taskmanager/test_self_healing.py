@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import ROOT, wait_until
+from tests.support.services import ROOT, Beat, wait_until
 from tests.support.stack import Running, instance_row, processes_of
 from workers.guestagent import config as guest_config
 from workers.guestagent.api import running_agent
@@ -39,11 +39,7 @@ def system(stack, tmp_path):  # noqa: F811  (stack: the fixture)
     class System(Running):
         def beat(self, reconcile_interval: float) -> None:
             env = {**self.client_env, "DBAAS_RECONCILE_INTERVAL": str(reconcile_interval)}
-            with open(tmp_path / "beat.log", "ab") as log:
-                beats.append(subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
-                     "-s", str(tmp_path / "beat-schedule")],
-                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            beats.append(Beat(env, tmp_path))
 
         def show(self, instance_id: str) -> dict:
             return self.ok("instance", "show", instance_id, "--json")
@@ -61,8 +57,7 @@ def system(stack, tmp_path):  # noqa: F811  (stack: the fixture)
         return running
     yield launch
     for beat in beats:
-        os.killpg(beat.pid, signal.SIGTERM)
-        beat.wait(timeout=30)
+        beat.stop()
     for running in started:
         running.stop()
 

@@ -3,13 +3,12 @@ with SIGKILL, a guest that never reports, a backup its guest never finishes."""
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.support.services import ROOT, wait_until
+from tests.support.services import Beat, wait_until
 from tests.support.stack import SLEEP, Running, instance_row, processes_of
 from workers.guestagent import config as guest_config
 from workers.taskmanager.compute.local import LocalDriver, config_path
@@ -35,17 +34,11 @@ def system(stack, tmp_path):  # noqa: F811
         running.env.update(SHORT_TIMEOUTS)
         running.client_env.update(SHORT_TIMEOUTS)
         started.append(running.start())
-        with open(tmp_path / "beat.log", "ab") as log:  # beat holds no database either
-            beats.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "dbaas", "beat", "--loglevel", "INFO",
-                 "-s", str(tmp_path / "beat-schedule")],
-                cwd=ROOT, env=running.client_env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
+        beats.append(Beat(running.client_env, tmp_path))  # beat holds no database either
         return running
     yield launch
     for beat in beats:
-        os.killpg(beat.pid, signal.SIGTERM)
-        beat.wait(timeout=30)
+        beat.stop()
     for running in started:
         running.stop()
 
