@@ -11,6 +11,7 @@ client thread, managed by kombu). Answers are data, ``{"result": …}`` or
 from celery import Celery
 from celery.backends.rpc import RPCBackend
 from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.common import maybe_declare
 from kombu.exceptions import KombuError, OperationalError
 
 from dbaas import errors, settings, signing, wire
@@ -27,6 +28,13 @@ class ReplyBackend(RPCBackend):
     def binding(self):
         return self.Queue(self.oid, self.exchange, self.oid, durable=False, auto_delete=True,
                           expires=self.expires)
+
+    def on_task_call(self, producer, task_id):
+        """The reply queue exists before the request leaves, in a pool process too. Celery
+        skips this there, taking the queue to exist already; a fresh pool process declared
+        it only when it began to wait, and an answer quicker than that (the conductor's
+        take ~10 ms) went to no queue: RabbitMQ dropped it and the call timed out."""
+        maybe_declare(self.binding(producer.channel), retry=True)
 
 
 def service_headers(task_name: str, args: list, kwargs: dict) -> dict:
