@@ -2,6 +2,7 @@
 
 import dbaas.broker  # noqa: F401  registers the embedded broker's URL scheme
 from dbaas import rpc, settings
+from dbaas.broker import rabbitmq
 from dbaas.queues import queue, routes
 from workers.conductor.api import SWEEP
 from workers.taskmanager.api import RECONCILE
@@ -9,6 +10,8 @@ from workers.taskmanager.api import RECONCILE
 _settings = settings.get()
 
 broker_url = _settings.broker_url
+# RabbitMQ read a buffer at a time rather than three system calls per frame.
+broker_transport = rabbitmq.transport_for(broker_url)
 broker_connection_retry_on_startup = True
 # Publisher confirms on RabbitMQ: send_task returns only once the broker has the message.
 broker_transport_options = {"confirm_publish": True, "polling_interval": 0.05}

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import String, bindparam, cast, create_engine, event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +28,26 @@ _AFTER_COMMIT = "dbaas_after_commit"
 # psycopg2 codes worth retrying: serialization failure, deadlock, and the admin/crash
 # shutdown family a restarting server answers with.
 RETRYABLE_PGCODES = {"40001", "40P01", "57P01", "57P02", "57P03"}
+
+
+def array_parameter(name: str, item_type):
+    """A PostgreSQL array bound as one text parameter (give it ``array_literal(values)``)
+    and cast in SQL: psycopg2 then quotes one string instead of adapting each element
+    (~1 µs each; a batch of heartbeats has hundreds)."""
+    return cast(bindparam(name, type_=String), ARRAY(item_type))
+
+
+def array_literal(values) -> str:
+    """PostgreSQL's text form of an array of strings, finite floats or None (NULL)."""
+    return "{" + ",".join(map(_array_element, values)) + "}"
+
+
+def _array_element(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return repr(value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def make_engine(url: str) -> Engine:

@@ -35,16 +35,16 @@ class AuthError(Exception):
     """The message does not prove who sent it."""
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def canonical(task_name: str, args, kwargs) -> bytes:
     """A byte form both ends compute identically from the decoded JSON message."""
-    return json.dumps(
-        [task_name, list(args), kwargs],
-        sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
-    ).encode()
+    return _CANONICAL.encode([task_name, list(args), kwargs]).encode()
 
 
 def mac(key: str, task_name: str, args, kwargs) -> str:
-    return hmac.new(key.encode(), canonical(task_name, args, kwargs), hashlib.sha256).hexdigest()
+    return hmac.digest(key.encode(), canonical(task_name, args, kwargs), "sha256").hex()
 
 
 def instance_principal(instance_id: str) -> str:

@@ -12,7 +12,7 @@ from tests.support.stack import configure
 
 TABLES_0002 = {"instances", "backups", "watermarks"}
 TABLES = TABLES_0002 | {"projects"}
-HEAD = "0004"
+HEAD = "0005"
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_upgrade_creates_the_tables(empty_database):
     assert set(tables) == TABLES | {"alembic_version"}
     assert revision(empty_database) == [HEAD]
     assert ("credential_generation", "INTEGER", False) in tables["instances"]["columns"]
-    assert ("ix_instances_last_heartbeat", ("last_heartbeat",)) in tables["instances"]["indexes"]
+    assert not any(columns == ("last_heartbeat",) for _, columns in tables["instances"]["indexes"])
     assert ("ix_backups_state_created", ("state", "created")) in tables["backups"]["indexes"]
     assert ("ix_instances_tenant_id_created", ("tenant_id", "created", "id")) in tables["instances"]["indexes"]
     assert (("instance_id",), "instances") in tables["backups"]["foreign_keys"]
@@ -201,9 +201,40 @@ def test_0003_to_0004_upgrade_and_downgrade_keep_the_data(empty_database):
     assert rows(empty_database, "SELECT connection, password_generation FROM instances") == [(None, 1)]
     assert rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status, host, port "
                                 "FROM instances") == before
-    assert differences(empty_database) == []
+    # What 0005 changes, and nothing else, is left between 0004 and the models.
+    assert [(change, index.name) for change, index in differences(empty_database)] == [
+        ("remove_index", "ix_instances_last_heartbeat")]
 
     command.downgrade(migrations.alembic_config(), "0003")
     assert schema(empty_database) == at_0003
     assert rows(empty_database, "SELECT id, name, tenant_id, datastore, task_status, host, port "
                                 "FROM instances") == before
+
+
+# --- 0004 -> 0005: heartbeats update instances in place --------------------------------------
+
+def fillfactor(engine) -> list:
+    if engine.dialect.name != "postgresql":
+        return []
+    return rows(engine, "SELECT reloptions FROM pg_class WHERE relname = 'instances'")
+
+
+def test_0004_to_0005_drops_the_heartbeat_index_and_keeps_the_data(empty_database):
+    migrations.upgrade("0001")
+    fill_0001(empty_database)
+    migrations.upgrade("0004")
+    at_0004 = schema(empty_database)
+    query = "SELECT id, name, task_status, last_heartbeat, credential_generation FROM instances"
+    before = rows(empty_database, query)
+
+    migrations.upgrade("0005")
+    assert rows(empty_database, query) == before
+    assert "ix_instances_last_heartbeat" not in {name for name, _ in schema(empty_database)["instances"]["indexes"]}
+    assert differences(empty_database) == []
+    if empty_database.dialect.name == "postgresql":
+        assert fillfactor(empty_database) == [(["fillfactor=80"],)]
+
+    command.downgrade(migrations.alembic_config(), "0004")
+    assert schema(empty_database) == at_0004
+    assert rows(empty_database, query) == before
+    assert fillfactor(empty_database) in ([], [(None,)])

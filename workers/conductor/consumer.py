@@ -7,6 +7,9 @@ work. Accepted messages — heartbeats and backup updates — wait unacknowledge
 written many per transaction: up to ``heartbeat_batch_size`` of them, or whatever arrived
 within ``heartbeat_batch_interval``. Only after that transaction committed are they
 acknowledged, on RabbitMQ with one ``basic.ack(multiple=True)`` for the whole batch.
+In the worker's event loop (RabbitMQ) the transactions run one at a time on a thread of
+their own, so that the next batch is received and checked while PostgreSQL works on the
+last one; deliveries are settled in the consumer's thread only.
 A worker that dies before then hands them back to the broker. While the database is away
 the batch is kept and retried with backoff; the channel's prefetch limit stops the buffer
 from growing meanwhile.
@@ -17,6 +20,7 @@ retries or replies on this path.
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from celery import bootsteps
@@ -77,6 +81,15 @@ def apply_batch(session, tasks: list[intake.TaskMessage], now=None) -> Outcome:
     return outcome
 
 
+def _run_now(run, tasks) -> Future:
+    future = Future()
+    try:
+        future.set_result(run(tasks))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
 class GuestQueue(bootsteps.ConsumerStep):
     """Started by every conductor worker that consumes the guests' queue (dbaas.celery
     hands that queue to this step rather than to Celery's task consumer)."""
@@ -103,12 +116,12 @@ class GuestQueue(bootsteps.ConsumerStep):
 
     def stop(self, c):
         if self.batcher:
-            self.batcher.forget()  # unacknowledged deliveries go back when the channel closes
+            self.batcher.close()  # unacknowledged deliveries go back when the channel closes
         super().stop(c)
 
     def shutdown(self, c):
         if self.batcher:
-            self.batcher.forget()
+            self.batcher.close()
         super().shutdown(c)
 
 
@@ -129,9 +142,14 @@ class Batcher:
         # the sender, besides the signature. The embedded broker has no users.
         self.require_user_id = rabbitmq and config.require_guest_user_id
         self.pending: list[Delivery] = []
+        self.in_flight = False  # a batch's transaction runs (one at a time: batches apply in order)
         self.timer_armed = False
         self.retry_delay = 0.0
-        self.generation = 0  # bumped by forget(): a timer armed before must not flush
+        self.generation = 0  # bumped by forget(): a timer armed or a transaction begun before is void
+        # Without the event loop (the embedded broker's synchronous loop) transactions run
+        # inline: there is no other thread to settle from.
+        self.transactions = (ThreadPoolExecutor(1, thread_name_prefix="guests-transactions")
+                             if consumer.hub is not None else None)
 
     def on_message(self, message) -> None:
         try:
@@ -152,8 +170,14 @@ class Batcher:
 
     def forget(self) -> None:
         self.pending = []
+        self.in_flight = False
         self.generation += 1
         self.timer_armed = False
+
+    def close(self) -> None:
+        self.forget()
+        if self.transactions is not None:
+            self.transactions.shutdown(wait=False)  # a transaction under way still ends
 
     def _arm(self, delay: float) -> None:
         self.timer_armed = True
@@ -174,11 +198,28 @@ class Batcher:
         self.flush()
 
     def flush(self) -> None:
+        """Start the transaction of the oldest pending messages, unless one runs already
+        (then the next starts when it ends)."""
+        if self.in_flight:
+            return
         batch, self.pending = self.pending[:self.size], self.pending[self.size:]
         if not batch:
             return
+        self.in_flight = True
+        tasks, generation = [delivery.task for delivery in batch], self.generation
+        if self.transactions is None:
+            self._done(generation, batch, _run_now(self._run_batch, tasks))
+            return
+        self.transactions.submit(self._run_batch, tasks).add_done_callback(
+            lambda future: self.consumer.hub.call_soon(self._done, generation, batch, future))
+
+    def _done(self, generation: int, batch: list[Delivery], future: Future) -> None:
+        """In the consumer's thread, once a batch's transaction ended."""
+        if generation != self.generation:
+            return  # its channel is gone, and with it these deliveries: the broker hands them out again
+        self.in_flight = False
         try:
-            outcome = self._run_batch([delivery.task for delivery in batch])
+            outcome = future.result()
         except Exception as exc:
             if not db.is_retryable(exc):
                 raise
@@ -190,8 +231,13 @@ class Batcher:
             return
         self.retry_delay = 0.0
         self._settle(batch, outcome)
+        if not self.pending:
+            return
+        # Due now: a full batch, or one whose interval ran out while this one was applied.
+        if len(self.pending) >= self.size or not self.timer_armed:
+            self.flush()
         if self.pending and not self.timer_armed:
-            self._arm(0 if len(self.pending) >= self.size else self.interval)
+            self._arm(self.interval)
 
     def _settle(self, batch: list[Delivery], outcome: Outcome) -> None:
         """Refused ones rejected one by one, the rest acknowledged. Everything delivered

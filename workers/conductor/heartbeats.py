@@ -5,10 +5,9 @@ from datetime import datetime
 from functools import cache
 
 from sqlalchemy import DateTime, String, and_, bindparam, case, column, func, or_, update, values
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from dbaas import settings, wire
+from dbaas import db, settings, wire
 from dbaas.models import Instance, utcnow
 from dbaas.status import ALIVE_SERVICE_STATUSES, HEARTBEAT_EXPIRED, RESTART_UNDER_WAY
 from workers.conductor import ordering
@@ -48,7 +47,8 @@ def _apply_newest(session: Session, newest: dict[str, Heartbeat], now: datetime)
     versions = [newest[k].guest_agent_version for k in keys]
     if session.get_bind().dialect.name == "postgresql":
         session.execute(_postgresql_update(),
-                        {"keys": keys, "statuses": statuses, "versions": versions, "now": now})
+                        {"keys": db.array_literal(keys), "statuses": db.array_literal(statuses),
+                         "versions": db.array_literal(versions), "now": now})
     else:
         # A CTE: SQLite takes no column names after a VALUES subquery's alias.
         beats = values(column("key", String), column("status", String), column("version", String),
@@ -61,9 +61,8 @@ def _apply_newest(session: Session, newest: dict[str, Heartbeat], now: datetime)
 def _postgresql_update():
     """The batch as array parameters: one SQL text for any batch, compiled once (SQLite
     takes the rows as VALUES)."""
-    beats = func.unnest(bindparam("keys", type_=ARRAY(String)),
-                        bindparam("statuses", type_=ARRAY(String)),
-                        bindparam("versions", type_=ARRAY(String))
+    beats = func.unnest(db.array_parameter("keys", String), db.array_parameter("statuses", String),
+                        db.array_parameter("versions", String)
                         ).table_valued("key", "status", "version").render_derived("beats")
     return _update(beats)
 

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ PROTECTED_BACKUP_FIELDS = frozenset({
     "updated", "deleted", "deleted_at",
 })
 STRING_LIMITS = {"checksum": 128, "location": 1024, "backup_type": 64, "fail_reason": 2000}
+# The form every id the product makes has: taken as it is, without building a UUID.
+CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class MessageRejected(Exception):
@@ -41,6 +44,8 @@ def bind(args, kwargs, names: tuple[str, ...]) -> tuple[dict, dict]:
     """Map positional and keyword arguments onto ``names``; return (bound, the rest)."""
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise MessageRejected("arguments are not a list and a mapping")
+    if not kwargs and len(args) == len(names):  # how the product sends: all positional
+        return dict(zip(names, args)), {}
     if len(args) > len(names):
         raise MessageRejected(f"expected at most {len(names)} positional arguments, got {len(args)}")
     bound = dict(zip(names, args))
@@ -57,6 +62,8 @@ def bind(args, kwargs, names: tuple[str, ...]) -> tuple[dict, dict]:
 
 def object_id(value, what: str) -> str:
     if isinstance(value, str) and len(value) == 36:
+        if CANONICAL_ID.fullmatch(value):
+            return value
         try:
             return str(uuid.UUID(value))
         except ValueError:

@@ -12,9 +12,9 @@ from functools import cache
 
 from sqlalchemy import Float, String, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from dbaas import db
 from dbaas.models import Watermark
 
 WATERMARKS = Watermark.__table__
@@ -29,7 +29,8 @@ def advance(session: Session, kind: str, sent_by_key: dict[str, float]) -> set[s
     keys = sorted(sent_by_key)
     if session.get_bind().dialect.name == "postgresql":
         statement = _postgresql_upsert()
-        params = {"kind": kind, "keys": keys, "sents": [sent_by_key[k] for k in keys]}
+        params = {"kind": kind, "keys": db.array_literal(keys),
+                  "sents": db.array_literal([float(sent_by_key[k]) for k in keys])}
     else:
         statement = _upsert(sqlite.insert(WATERMARKS).values(
             [{"kind": kind, "key": key, "sent": sent_by_key[key]} for key in keys]))
@@ -50,7 +51,7 @@ def _postgresql_upsert():
     """The rows as two array parameters: one SQL text for any batch size, so the
     statement is compiled once instead of once per batch (a third of the conductor's
     CPU went to compiling multi-row VALUES of varying length)."""
-    rows = func.unnest(bindparam("keys", type_=ARRAY(String)),
-                       bindparam("sents", type_=ARRAY(Float))).table_valued("key", "sent").render_derived("row")
+    rows = func.unnest(db.array_parameter("keys", String),
+                       db.array_parameter("sents", Float)).table_valued("key", "sent").render_derived("row")
     chosen = select(bindparam("kind", type_=String), rows.c.key, rows.c.sent).order_by(rows.c.key)
     return _upsert(postgresql.insert(WATERMARKS).from_select(["kind", "key", "sent"], chosen))
