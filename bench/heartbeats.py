@@ -10,7 +10,7 @@ refusal line, in one run:
 Phases (``--only`` picks some; bench/README.md says exactly what each measures):
 
 1. drain: N pre-published heartbeats for M instances drained by one conductor, against
-   the raw broker floor (a kombu consumer that only acknowledges, same prefetch: 2 x
+   the raw broker floor (a kombu consumer that only acknowledges, same prefetch: 3 x
    DBAAS_HEARTBEAT_BATCH_SIZE) in ABBA rounds; ratio; correctness check; per-heartbeat
    CPU of the conductor, RabbitMQ and PostgreSQL; what that means for a fleet.
 2. scale: the same drain with 1, 2 and 3 conductor processes on the queue; CPU split.
@@ -165,9 +165,10 @@ class Bench:
             del os.environ[key]
         os.environ.update({k: v for k, v in self.child_env().items() if k.startswith("DBAAS_")})
         from dbaas import migrations, settings
+        from workers.conductor import consumer
         self.config = settings.get()
         assert self.config.database_url == database.url and self.config.broker_url == vhost.url
-        self.prefetch = 2 * self.config.heartbeat_batch_size
+        self.prefetch = consumer.prefetch_count(self.config)
         log(f"conductor settings: DBAAS_HEARTBEAT_BATCH_SIZE={self.config.heartbeat_batch_size}, "
             f"DBAAS_HEARTBEAT_BATCH_INTERVAL={self.config.heartbeat_batch_interval}; "
             f"guests' consumer prefetch {self.prefetch}")

@@ -7,9 +7,10 @@ work. Accepted messages — heartbeats and backup updates — wait unacknowledge
 written many per transaction: up to ``heartbeat_batch_size`` of them, or whatever arrived
 within ``heartbeat_batch_interval``. Only after that transaction committed are they
 acknowledged, on RabbitMQ with one ``basic.ack(multiple=True)`` for the whole batch.
-In the worker's event loop (RabbitMQ) the transactions run one at a time on a thread of
-their own, so that the next batch is received and checked while PostgreSQL works on the
-last one; deliveries are settled in the consumer's thread only.
+In the worker's event loop (RabbitMQ, prefork pool) each batch's transaction runs in one
+of the worker's pool processes, one batch at a time (batches apply in arrival order),
+while the main process goes on receiving and checking the next; the outcome comes back
+through the loop, and deliveries are settled by the main process only.
 A worker that dies before then hands them back to the broker. While the database is away
 the batch is kept and retried with backoff; the channel's prefetch limit stops the buffer
 from growing meanwhile.
@@ -20,10 +21,11 @@ retries or replies on this path.
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 from celery import bootsteps
+from celery.concurrency.prefork import TaskPool as PreforkPool
 from kombu import Consumer
 
 from dbaas import db, intake, settings, wire
@@ -81,13 +83,58 @@ def apply_batch(session, tasks: list[intake.TaskMessage], now=None) -> Outcome:
     return outcome
 
 
-def _run_now(run, tasks) -> Future:
-    future = Future()
+def run_batch(rows: list[tuple]) -> tuple:
+    """A batch's transaction, in a pool process (or inline): ``rows`` are the checked
+    messages as plain values, and so is the answer: ((verdicts, heartbeats applied,
+    backups applied), None), or (None, why the database is unavailable)."""
+    tasks = [intake.TaskMessage(task, task_id, args, kwargs, intake.Principal(instance_id, generation))
+             for task, task_id, args, kwargs, instance_id, generation in rows]
     try:
-        future.set_result(run(tasks))
+        outcome = _run_batch(tasks)
     except Exception as exc:
-        future.set_exception(exc)
-    return future
+        if not db.is_retryable(exc):
+            raise
+        return None, str(exc)
+    return (outcome.verdicts, outcome.heartbeats_applied, outcome.backups_applied), None
+
+
+def _run_batch(tasks: list[intake.TaskMessage]) -> Outcome:
+    """The whole batch in one transaction; when that fails for another reason than the
+    database being away, each message alone, so one bad message cannot block the others."""
+    try:
+        return _run(tasks)
+    except Exception as exc:
+        if db.is_retryable(exc):
+            raise
+        log.exception("guests' queue: batch of %d failed; applying one by one", len(tasks))
+    total = Outcome([])
+    for task in tasks:
+        alone = _run_alone(task)
+        total.verdicts += alone.verdicts
+        total.heartbeats_applied += alone.heartbeats_applied
+        total.backups_applied += alone.backups_applied
+    return total
+
+
+def _run(tasks: list[intake.TaskMessage]) -> Outcome:
+    return db.run_transaction(lambda session: apply_batch(session, tasks), retry_for=0)
+
+
+def _run_alone(task: intake.TaskMessage) -> Outcome:
+    try:
+        return _run([task])
+    except Exception as exc:
+        if db.is_retryable(exc):
+            raise
+        log.exception("%s[%s] failed", task.task, task.id)
+        return Outcome([("failed", f"failed: {type(exc).__name__}")])
+
+
+def prefetch_count(config) -> int:
+    """Deliveries the guests' consumer holds unacknowledged: a batch committing, a full one
+    waiting for it, and room to go on receiving meanwhile (with two, the main process
+    stood idle until the commit's acknowledgement let RabbitMQ send more)."""
+    return 3 * config.heartbeat_batch_size
 
 
 class GuestQueue(bootsteps.ConsumerStep):
@@ -104,9 +151,8 @@ class GuestQueue(bootsteps.ConsumerStep):
 
     def get_consumers(self, channel):
         config = settings.get()
-        # Room for a whole batch arriving while the previous one commits; per consumer,
-        # never global (quorum queues refuse a global prefetch).
-        channel.basic_qos(0, 2 * config.heartbeat_batch_size, False)
+        # Per consumer, never global (quorum queues refuse a global prefetch).
+        channel.basic_qos(0, prefetch_count(config), False)
         self.batcher = Batcher(self.c, channel, config)
         # on_decode_error: a message kombu could not even build (see dbaas.intake) is refused
         # through the same checks instead of raised through the worker.
@@ -146,10 +192,9 @@ class Batcher:
         self.timer_armed = False
         self.retry_delay = 0.0
         self.generation = 0  # bumped by forget(): a timer armed or a transaction begun before is void
-        # Without the event loop (the embedded broker's synchronous loop) transactions run
-        # inline: there is no other thread to settle from.
-        self.transactions = (ThreadPoolExecutor(1, thread_name_prefix="guests-transactions")
-                             if consumer.hub is not None else None)
+        # The pool's answers come back through the event loop. Without one (the embedded
+        # broker's synchronous loop), or with another pool, transactions run inline.
+        self.pool = consumer.pool if consumer.hub is not None and isinstance(consumer.pool, PreforkPool) else None
 
     def on_message(self, message) -> None:
         try:
@@ -175,9 +220,7 @@ class Batcher:
         self.timer_armed = False
 
     def close(self) -> None:
-        self.forget()
-        if self.transactions is not None:
-            self.transactions.shutdown(wait=False)  # a transaction under way still ends
+        self.forget()  # a transaction under way still ends; its answer is ignored
 
     def _arm(self, delay: float) -> None:
         self.timer_armed = True
@@ -206,31 +249,31 @@ class Batcher:
         if not batch:
             return
         self.in_flight = True
-        tasks, generation = [delivery.task for delivery in batch], self.generation
-        if self.transactions is None:
-            self._done(generation, batch, _run_now(self._run_batch, tasks))
-            return
-        self.transactions.submit(self._run_batch, tasks).add_done_callback(
-            lambda future: self.consumer.hub.call_soon(self._done, generation, batch, future))
+        rows = [(t.task, t.id, t.args, t.kwargs, t.principal.instance_id, t.principal.generation)
+                for t in (delivery.task for delivery in batch)]
+        done = partial(self._done, self.generation, batch)
+        if self.pool is None:
+            done(run_batch(rows))
+        else:
+            self.pool.apply_async(run_batch, args=(rows,), callback=done,
+                                  error_callback=lambda exc: done((None, f"the pool process failed: {exc!r}")))
 
-    def _done(self, generation: int, batch: list[Delivery], future: Future) -> None:
-        """In the consumer's thread, once a batch's transaction ended."""
+    def _done(self, generation: int, batch: list[Delivery], answer: tuple) -> None:
+        """In the consumer's thread, once a batch's transaction ended (see run_batch)."""
         if generation != self.generation:
             return  # its channel is gone, and with it these deliveries: the broker hands them out again
         self.in_flight = False
-        try:
-            outcome = future.result()
-        except Exception as exc:
-            if not db.is_retryable(exc):
-                raise
+        result, unavailable = answer
+        if unavailable is not None:
+            # Kept, not lost: retried with backoff; the prefetch limit stops the intake meanwhile.
             self.pending = batch + self.pending
             self.retry_delay = min(max(self.retry_delay * 2, 0.1), 5.0)
             log.warning("guests' queue: database unavailable (%s); %d messages kept, retry in %.1fs",
-                        exc, len(self.pending), self.retry_delay)
+                        unavailable, len(self.pending), self.retry_delay)
             self._arm(self.retry_delay)
             return
         self.retry_delay = 0.0
-        self._settle(batch, outcome)
+        self._settle(batch, Outcome(*result))
         if not self.pending:
             return
         # Due now: a full batch, or one whose interval ran out while this one was applied.
@@ -266,36 +309,6 @@ class Batcher:
         metrics.batch_settled(len(batch), accepted, {wire.HEARTBEAT_TASK: outcome.heartbeats_applied,
                                                      wire.UPDATE_BACKUP_TASK: outcome.backups_applied},
                               latencies)
-
-    def _run_batch(self, tasks: list[intake.TaskMessage]) -> Outcome:
-        """The whole batch in one transaction; when that fails for another reason than the
-        database being away, each message alone, so one bad message cannot block the others."""
-        try:
-            return self._run(tasks)
-        except Exception as exc:
-            if db.is_retryable(exc):
-                raise
-            log.exception("guests' queue: batch of %d failed; applying one by one", len(tasks))
-        total = Outcome([])
-        for task in tasks:
-            alone = self._run_alone(task)
-            total.verdicts += alone.verdicts
-            total.heartbeats_applied += alone.heartbeats_applied
-            total.backups_applied += alone.backups_applied
-        return total
-
-    @staticmethod
-    def _run(tasks: list[intake.TaskMessage]) -> Outcome:
-        return db.run_transaction(lambda session: apply_batch(session, tasks), retry_for=0)
-
-    def _run_alone(self, task: intake.TaskMessage) -> Outcome:
-        try:
-            return self._run([task])
-        except Exception as exc:
-            if db.is_retryable(exc):
-                raise
-            log.exception("%s[%s] failed", task.task, task.id)
-            return Outcome([("failed", f"failed: {type(exc).__name__}")])
 
     def refuse(self, message, what: str, kind: str, reason: str) -> None:
         log.warning("refused %s on the guests' queue: %s", what, reason)
