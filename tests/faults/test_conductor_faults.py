@@ -162,6 +162,60 @@ def test_a_pool_child_sigkilled_mid_backlog_loses_nothing(vhost, database_url, m
           f"{sorted(set(replaced) - set(children))}")
 
 
+def test_a_pool_child_sigkilled_mid_batch_of_heartbeats_loses_nothing(vhost, database_url, make_system):
+    """The guests' batches are written by pool children (ADR 0008). A backlog of heartbeats,
+    one per instance; the first instance's row is locked here, so the child writing the
+    batch that holds it is certainly in the middle of its transaction when it is SIGKILLed:
+    the main process keeps the batch and retries it, the worker replaces the child, and
+    every heartbeat is applied."""
+    system = make_system(vhost.url, database_url, vhost.admin_url(), **IMPERSONATING,
+                         DBAAS_HEARTBEAT_BATCH_SIZE="50")
+    secrets = make_instances(600)
+    ids = list(secrets)
+    now = time.time()
+    publisher = Publisher(vhost.url)
+    try:
+        for instance_id in ids:
+            publisher.heartbeat(instance_id, secrets[instance_id], now, "running")
+        wait_until(lambda: publisher.depth() == len(ids), timeout=60, message="the backlog queued")
+    finally:
+        publisher.close()
+    conductor = system.conductor("conductor", concurrency=2)
+    lock = db.engine().connect()
+    try:
+        transaction = lock.begin()
+        lock.execute(select(Instance.id).where(Instance.id == ids[0]).with_for_update())
+        system.start(conductor)
+        children = pool_children(conductor.process.pid)
+        assert len(children) == 2, children
+
+        def waiting_child():
+            with db.engine().connect() as watcher:
+                ports = watcher.execute(text("SELECT client_port FROM pg_stat_activity "
+                                             "WHERE wait_event_type = 'Lock'")).scalars().all()
+            return ports and socket_owner(ports[0], children)
+        doomed = wait_until(waiting_child, timeout=60, interval=0.02,
+                            message="a child writing a batch, waiting on the locked row")
+        os.kill(doomed, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: "the pool process failed" in conductor.log(), timeout=60,
+                   message="the main process told of the lost batch")
+        at_kill = heartbeats_applied()
+        transaction.rollback()
+    finally:
+        lock.close()
+    assert at_kill < len(ids), "the backlog drained before the kill: the test proves nothing"
+    wait_until(lambda: heartbeats_applied() == len(ids), timeout=120, interval=0.5,
+               message="every heartbeat applied")
+    drained = time.monotonic() - killed_at
+    assert conductor.process.poll() is None, conductor.log()
+    replaced = pool_children(conductor.process.pid)
+    assert len(replaced) == 2 and doomed not in replaced, (children, replaced)
+    print(f"\npool child SIGKILL mid-batch of heartbeats: backlog {len(ids)}, child {doomed} killed "
+          f"inside a batch's transaction, applied before the lock went {at_kill}, applied "
+          f"{heartbeats_applied()}, lost {len(ids) - heartbeats_applied()}, drained {drained:.1f}s after the kill")
+
+
 def test_postgresql_restart_mid_stream_keeps_order_and_loses_nothing(vhost, make_system, tmp_path):
     """A backlog of three heartbeats per instance and three reports per backup
     (BUILDING, SAVING, COMPLETED), in order, spread over the whole backlog; PostgreSQL

@@ -86,7 +86,7 @@ def apply_batch(session, tasks: list[intake.TaskMessage], now=None) -> Outcome:
 def run_batch(rows: list[tuple]) -> tuple:
     """A batch's transaction, in a pool process (or inline): ``rows`` are the checked
     messages as plain values, and so is the answer: ((verdicts, heartbeats applied,
-    backups applied), None), or (None, why the database is unavailable)."""
+    backups applied), None), or (None, why it was not written: the database is away)."""
     tasks = [intake.TaskMessage(task, task_id, args, kwargs, intake.Principal(instance_id, generation))
              for task, task_id, args, kwargs, instance_id, generation in rows]
     try:
@@ -94,7 +94,7 @@ def run_batch(rows: list[tuple]) -> tuple:
     except Exception as exc:
         if not db.is_retryable(exc):
             raise
-        return None, str(exc)
+        return None, f"database unavailable ({exc})"
     return (outcome.verdicts, outcome.heartbeats_applied, outcome.backups_applied), None
 
 
@@ -188,6 +188,7 @@ class Batcher:
         # the sender, besides the signature. The embedded broker has no users.
         self.require_user_id = rabbitmq and config.require_guest_user_id
         self.pending: list[Delivery] = []
+        self.flush_soon = False
         self.in_flight = False  # a batch's transaction runs (one at a time: batches apply in order)
         self.timer_armed = False
         self.retry_delay = 0.0
@@ -209,12 +210,19 @@ class Batcher:
             return
         self.pending.append(Delivery(message, task))
         if len(self.pending) >= self.size and not self.retry_delay:
-            self.flush()
+            if self.pool is None:
+                self.flush()
+            elif not self.flush_soon:
+                # From the event loop, whose turns serve the pool's pipes: messages also
+                # arrive while the worker still starts, before the pool can take a job.
+                self.flush_soon = True
+                self.consumer.hub.call_soon(self._flush_now, self.generation)
         elif not self.timer_armed:
             self._arm(self.interval)
 
     def forget(self) -> None:
         self.pending = []
+        self.flush_soon = False
         self.in_flight = False
         self.generation += 1
         self.timer_armed = False
@@ -233,6 +241,11 @@ class Batcher:
         else:
             # A timer thread: hand the flush to the consumer's thread.
             self.consumer.timer.call_after(delay, self.consumer.call_soon, (self._on_timer, generation))
+
+    def _flush_now(self, generation: int) -> None:
+        if generation == self.generation:
+            self.flush_soon = False
+            self.flush()
 
     def _on_timer(self, generation: int) -> None:
         if generation != self.generation:
@@ -268,7 +281,7 @@ class Batcher:
             # Kept, not lost: retried with backoff; the prefetch limit stops the intake meanwhile.
             self.pending = batch + self.pending
             self.retry_delay = min(max(self.retry_delay * 2, 0.1), 5.0)
-            log.warning("guests' queue: database unavailable (%s); %d messages kept, retry in %.1fs",
+            log.warning("guests' queue: batch not written: %s; %d messages kept, retry in %.1fs",
                         unavailable, len(self.pending), self.retry_delay)
             self._arm(self.retry_delay)
             return

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from dbaas import db, settings
+from dbaas import db, settings, wire
 from workers.conductor import instances
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,18 @@ def use_private_directory() -> None:
     values.ValueClass = values.MultiProcessValue()
 
 
+REFUSAL_REASONS = ("malformed", "too_large", "headers", "encoding", "depth", "unauthenticated",
+                   "not_allowed", "user_id", "revoked", "invalid", "failed")
+
+
 @functools.cache
 def _guest_metrics() -> SimpleNamespace:
     """Counted by the main process (the guests' queue); not registered with the default
-    registry: ``serve`` registers them beside the pool processes' files."""
-    return SimpleNamespace(
+    registry: ``serve`` registers them beside the pool processes' files. Every labelled
+    series is made here, at zero: prometheus_client picks a series' value class when the
+    series is first used, and one made after the switch to files created its file while
+    a scrape could read it empty (a scrape failed with a 500)."""
+    metrics = SimpleNamespace(
         guest_messages=Counter(
             "dbaas_guest_messages_total",
             "Guests' messages by task and outcome: applied, or stale (not newer than one "
@@ -74,6 +81,12 @@ def _guest_metrics() -> SimpleNamespace:
             "From a heartbeat's `sent` (the guest's clock) to the commit that applied it",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=None),
     )
+    for task in (wire.HEARTBEAT_TASK, wire.UPDATE_BACKUP_TASK):
+        for outcome in ("applied", "stale"):
+            metrics.guest_messages.labels(task, outcome)
+    for reason in REFUSAL_REASONS:
+        metrics.refusals.labels(reason)
+    return metrics
 
 
 @functools.cache
