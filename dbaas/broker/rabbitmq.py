@@ -13,7 +13,6 @@ for ``amqp://`` and ``pyamqp://`` broker URLs by ``transport_for`` (celeryconfig
 
 import errno
 import socket
-from contextlib import contextmanager
 from struct import unpack_from
 from urllib.parse import urlsplit
 
@@ -44,14 +43,6 @@ class ReadAheadTCPTransport(amqp_transport.TCPTransport):
             return -1
         end = start + 7 + unpack_from(">I", buffer, start + 3)[0]
         return end if end < len(buffer) else -1
-
-    @contextmanager
-    def having_timeout(self, timeout):
-        if self._buffered_frame_end() >= 0:
-            yield self.sock  # nothing to wait for: leave the socket's mode alone
-            return
-        with super().having_timeout(timeout) as sock:
-            yield sock
 
     def read_frame(self, unpack=None):
         end = self._buffered_frame_end()

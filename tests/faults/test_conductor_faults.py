@@ -12,6 +12,7 @@ import re
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,24 @@ def socket_owner(port: int, candidates: list[int]) -> int | None:
     return None
 
 
+@contextmanager
+def locked_row(instance_id: str):
+    """The instance's row locked by a transaction of this process, for the block (which may
+    roll it back earlier to let the waiter go)."""
+    with db.engine().connect() as lock:
+        transaction = lock.begin()
+        lock.execute(select(Instance.id).where(Instance.id == instance_id).with_for_update())
+        yield transaction
+
+
+def child_waiting_on_a_lock(children: list[int]) -> int | None:
+    # Not on the locking connection: a transaction sees one snapshot of the statistics.
+    with db.engine().connect() as watcher:
+        ports = watcher.execute(text("SELECT client_port FROM pg_stat_activity "
+                                     "WHERE wait_event_type = 'Lock'")).scalars().all()
+    return ports and socket_owner(ports[0], children)
+
+
 def test_a_pool_child_sigkilled_mid_backlog_loses_nothing(vhost, database_url, make_system):
     """Pool children serve the control queue (calls and casts). A backlog of
     instance_update casts, one per instance. The first instance's row is locked here, so
@@ -123,29 +142,17 @@ def test_a_pool_child_sigkilled_mid_backlog_loses_nothing(vhost, database_url, m
     for n, instance_id in enumerate(ids):
         system.api.instance_update(instance_id, host=f"10.1.{n // 250}.{n % 250}")
     conductor = system.conductor("conductor", concurrency=2)
-    lock = db.engine().connect()
-    try:
-        transaction = lock.begin()
-        lock.execute(select(Instance.id).where(Instance.id == ids[0]).with_for_update())
+    with locked_row(ids[0]) as transaction:
         system.start(conductor)
         children = pool_children(conductor.process.pid)
         assert len(children) == 2, children
-
-        def waiting_child():
-            # Not on the locking connection: a transaction sees one snapshot of the statistics.
-            with db.engine().connect() as watcher:
-                ports = watcher.execute(text("SELECT client_port FROM pg_stat_activity "
-                                             "WHERE wait_event_type = 'Lock'")).scalars().all()
-            return ports and socket_owner(ports[0], children)
-        doomed = wait_until(waiting_child, timeout=60, interval=0.02,
+        doomed = wait_until(lambda: child_waiting_on_a_lock(children), timeout=60, interval=0.02,
                             message="a child waiting on the locked row")
         wait_until(lambda: hosts_set() >= 100, timeout=60, interval=0.02,
                    message="the other child well into the backlog")
         os.kill(doomed, signal.SIGKILL)
         killed_at, at_kill = time.monotonic(), hosts_set()
         transaction.rollback()
-    finally:
-        lock.close()
     assert at_kill < len(ids), "the backlog drained before the kill: the test proves nothing"
     wait_until(lambda: hosts_set() == len(ids), timeout=180, interval=0.5,
                message="every cast applied")
@@ -181,20 +188,11 @@ def test_a_pool_child_sigkilled_mid_batch_of_heartbeats_loses_nothing(vhost, dat
     finally:
         publisher.close()
     conductor = system.conductor("conductor", concurrency=2)
-    lock = db.engine().connect()
-    try:
-        transaction = lock.begin()
-        lock.execute(select(Instance.id).where(Instance.id == ids[0]).with_for_update())
+    with locked_row(ids[0]) as transaction:
         system.start(conductor)
         children = pool_children(conductor.process.pid)
         assert len(children) == 2, children
-
-        def waiting_child():
-            with db.engine().connect() as watcher:
-                ports = watcher.execute(text("SELECT client_port FROM pg_stat_activity "
-                                             "WHERE wait_event_type = 'Lock'")).scalars().all()
-            return ports and socket_owner(ports[0], children)
-        doomed = wait_until(waiting_child, timeout=60, interval=0.02,
+        doomed = wait_until(lambda: child_waiting_on_a_lock(children), timeout=60, interval=0.02,
                             message="a child writing a batch, waiting on the locked row")
         os.kill(doomed, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -202,8 +200,6 @@ def test_a_pool_child_sigkilled_mid_batch_of_heartbeats_loses_nothing(vhost, dat
                    message="the main process told of the lost batch")
         at_kill = heartbeats_applied()
         transaction.rollback()
-    finally:
-        lock.close()
     assert at_kill < len(ids), "the backlog drained before the kill: the test proves nothing"
     wait_until(lambda: heartbeats_applied() == len(ids), timeout=120, interval=0.5,
                message="every heartbeat applied")

@@ -4,7 +4,6 @@ tenants use: python-troveclient on a keystoneauth1 session, and the openstack CL
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import requests
 
 from tests.support.imports import guarded
-from tests.support.services import ROOT
+from tests.support.services import ROOT, stop_group
 from workers.api.credentials import hash_password, token_digest
 
 OPENSTACK = str(Path(sys.executable).parent / "openstack")
@@ -72,13 +71,8 @@ class ApiServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
+        if self.process:
+            stop_group(self.process)
 
     def endpoint(self, project: str) -> str:
         return f"{self.url}/v1.0/{project}"

@@ -162,12 +162,14 @@ class GuestQueue(bootsteps.ConsumerStep):
 
     def stop(self, c):
         if self.batcher:
-            self.batcher.close()  # unacknowledged deliveries go back when the channel closes
+            # Unacknowledged deliveries go back when the channel closes; a transaction
+            # under way still ends, and its answer is ignored.
+            self.batcher.forget()
         super().stop(c)
 
     def shutdown(self, c):
         if self.batcher:
-            self.batcher.close()
+            self.batcher.forget()
         super().shutdown(c)
 
 
@@ -226,9 +228,6 @@ class Batcher:
         self.in_flight = False
         self.generation += 1
         self.timer_armed = False
-
-    def close(self) -> None:
-        self.forget()  # a transaction under way still ends; its answer is ignored
 
     def _arm(self, delay: float) -> None:
         self.timer_armed = True
