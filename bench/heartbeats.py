@@ -31,6 +31,7 @@ import secrets as pysecrets
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ STATUSES = ["running", "healthy", "shutdown", "crashed", "paused", "blocked"]
 PHASES = ("drain", "scale", "latency", "refusals", "flood")
 PASSTHROUGH = ("DBAAS_HEARTBEAT_BATCH_SIZE", "DBAAS_HEARTBEAT_BATCH_INTERVAL")
 PROBES = 8
+BASIC_PUBLISH = struct.pack(">HH", 60, 40)  # AMQP class and method ids
 
 
 def log(message: str) -> None:
@@ -595,28 +597,28 @@ class Bench:
         self.helpers.append(listener)
         return listener
 
-    def paced(self, targets, rate: float, seconds: float | None, until=None) -> dict:
-        """Heartbeats on the absolute schedule start + i/rate, each signed at its send time
-        (``sent`` = time.time() then), to ``targets`` in turn, for ``seconds`` or until
-        ``until()`` holds (checked every 20 ms). Returns what was sent and how late."""
+    def paced(self, targets, rate: float, until) -> dict:
+        """Heartbeats on the absolute schedule start + i/rate, each built, signed
+        (``sent`` = time.time() then) and published at its send time, to ``targets`` in
+        turn, until ``until()`` holds (checked every 20 ms). Returns what was sent and how
+        late. (The flood's valid heartbeats: a low rate, for as long as the flood lasts.)"""
         from workers.guestagent.client import build_message
 
         from dbaas import wire
         publish = self.publisher.producer.publish
         sent_list, lags = [], []
         start = time.monotonic() + 0.02
-        total = int(rate * seconds) if seconds is not None else None
         next_check = start
         i = 0
-        while total is None or i < total:
+        while True:
             target = start + i / rate
             now = time.monotonic()
-            if until is not None and now >= next_check:
+            if now >= next_check:
                 next_check = now + 0.02
                 if until():
                     break
             if target > now:
-                time.sleep(min(target - now, 0.02) if until is not None else target - now)
+                time.sleep(min(target - now, 0.02))
                 continue
             instance_id, secret = targets(i)
             sent = time.time()
@@ -625,9 +627,94 @@ class Bench:
             sent_list.append((instance_id, sent))
             lags.append(now - target)
             i += 1
-        first, last = (sent_list[0][1], sent_list[-1][1]) if sent_list else (0.0, 0.0)
-        return {"sent": sent_list, "lags": sorted(lags), "first": first, "last": last,
-                "achieved_rate": (len(sent_list) - 1) / (last - first) if last > first else float("nan")}
+        return {"sent": sent_list, "lags": sorted(lags)}
+
+    def wire_frames(self, messages) -> list[bytes]:
+        """The bytes the publisher's producer writes to the socket for each message (kombu
+        publish kwargs): each published into a buffer instead of the socket."""
+        from amqp.method_framing import frame_writer
+        connection = self.publisher.connection.connection
+        written: list[bytes] = []
+
+        class Buffer:
+            def write(self, data):
+                written.append(bytes(data))
+
+        socket_writer = connection.frame_writer
+        connection.frame_writer = frame_writer(connection, Buffer())
+        try:
+            frames = []
+            for message in messages:
+                self.publisher.producer.publish(**message)
+                frames.append(b"".join(written))
+                written.clear()
+        finally:
+            connection.frame_writer = socket_writer
+        # Each: one basic.publish method frame, its content header, its body frames.
+        for data in frames:
+            kinds, offset = [], 0
+            while offset < len(data):
+                kind, _channel, size = struct.unpack_from(">BHI", data, offset)
+                kinds.append(kind)
+                offset += 8 + size
+            assert kinds[:2] == [1, 2] and set(kinds[2:]) <= {3} and data[7:11] == BASIC_PUBLISH, kinds
+        return frames
+
+    def schedule(self, targets, rate: float, seconds: float) -> dict:
+        """``rate`` x ``seconds`` heartbeats to ``targets`` in turn, the i-th due at
+        start + i/rate and signed with that time as ``sent``; built, signed and encoded to
+        their AMQP frames now, before the start, so that sending one (``send``) costs this
+        process a socket write: the guests' own CPU is on their own hosts, not on the two
+        cores the conductor, RabbitMQ and PostgreSQL share here. A message sent late keeps
+        its scheduled ``sent``: send->commit includes the publisher's lag."""
+        from workers.guestagent.client import build_message
+
+        from dbaas import wire
+        total = int(rate * seconds)
+
+        def messages(start, count):
+            for i in range(count):
+                instance_id, secret = targets(i)
+                yield instance_id, start + i / rate, secret
+
+        def encode(plan):
+            return self.wire_frames(
+                build_message(instance_id, secret, 1, wire.HEARTBEAT_TASK,
+                              [instance_id, {"service_status": "running", "guest_agent_version": "1.0"}, sent])
+                for instance_id, sent, secret in plan)
+
+        probe = time.perf_counter()
+        encode(messages(time.time(), 200))
+        per_message = (time.perf_counter() - probe) / 200
+        start = time.time() + 1.5 * per_message * total + 0.5
+        plan = list(messages(start, total))
+        frames = encode(plan)
+        if time.time() > start:
+            log(f"building {total} messages overran their schedule by {time.time() - start:.2f}s")
+        return {"start": start, "due": [sent for _, sent, _ in plan], "frames": frames,
+                "sent": [(instance_id, sent) for instance_id, sent, _ in plan]}
+
+    def send(self, schedule: dict) -> dict:
+        """Each of ``schedule``'s messages written at its due time (those already due
+        together). Returns what was sent, how late, and the rate achieved."""
+        due, frames, total = schedule["due"], schedule["frames"], len(schedule["due"])
+        write = self.publisher.connection.connection.transport.write
+        lags, first_write, i = [], None, 0
+        while i < total:
+            now = time.time()
+            if due[i] > now:
+                time.sleep(due[i] - now)
+                continue
+            j = i
+            while j < total and due[j] <= now:
+                lags.append(now - due[j])
+                j += 1
+            write(b"".join(frames[i:j]))
+            first_write = first_write or now
+            i = j
+        last_write = time.time()
+        return {"sent": schedule["sent"], "lags": sorted(lags),
+                "achieved_rate": (total - 1) / (last_write - first_write) if total > 1 else float("nan")}
 
     def wait_applied(self, instance_id: str, sent: float, conductors, what: str, timeout: float = 300) -> float:
         deadline = time.monotonic() + timeout
@@ -681,15 +768,17 @@ class Bench:
         phases = []
         profiler = None
         try:
-            warm = self.paced(targets, opts.rates[0][0], 2.0)
+            warm = self.send(self.schedule(targets, opts.rates[0][0], 2.0))
             self.wait_applied(*warm["sent"][-1], conductors, "the warm-up heartbeats")
             for rate, seconds in opts.rates:
                 if opts.profile:
                     profiler = Profiler(conductors[0].pid, Path(opts.profile) / f"latency-{rate}.txt")
                     self.helpers.append(profiler)
+                schedule = self.schedule(targets, rate, seconds)
+                time.sleep(max(0.0, schedule["start"] - time.time() - 0.05))
                 acct = self.accounting(conductors, [listener.process.pid])
-                phase_start = time.time()
-                sent = self.paced(targets, rate, seconds)
+                phase_start = schedule["start"]
+                sent = self.send(schedule)
                 sending_end = time.time()
                 applied_at = self.wait_applied(*sent["sent"][-1], conductors, f"every heartbeat at {rate}/s")
                 cpu = acct.delta()
@@ -877,7 +966,7 @@ class Bench:
                     raise RuntimeError(f"flood not drained:\n{conductor.log_tail()}")
                 return False
 
-            sent = self.paced(lambda i: valid[i % len(valid)], opts.flood_valid_rate, None, until=drained)
+            sent = self.paced(lambda i: valid[i % len(valid)], opts.flood_valid_rate, until=drained)
             while not drained():
                 time.sleep(0.005)
             elapsed = flood_done["at"] - started
@@ -1136,7 +1225,8 @@ def print_summary(results: dict, opts) -> None:
             ok &= all(x["ok"] for x in runs)
     lat = results.get("latency")
     if lat:
-        print("(2) LATENCY send->commit at steady rates (one conductor; sent = guest's time.time() at send)")
+        print("(2) LATENCY send->commit at steady rates (one conductor; messages built beforehand, each signed "
+              "with its scheduled send time as sent, and written then)")
         for p in lat["phases"]:
             c, d = p["commit_ms"], p["depth"]
             target = 50 if p["rate"] <= 1000 else 200

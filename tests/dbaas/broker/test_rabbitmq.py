@@ -9,6 +9,7 @@ import struct
 import pytest
 from amqp.exceptions import UnexpectedFrame
 from kombu import Connection, Exchange, Queue
+from kombu.asynchronous import Hub
 
 from dbaas.broker import rabbitmq
 from dbaas.broker.rabbitmq import ReadAheadTCPTransport, transport_for
@@ -55,10 +56,58 @@ def test_many_frames_in_one_read_cost_one_system_call(pair, monkeypatch):
     calls = []
     recv = transport.sock.recv
     monkeypatch.setattr(transport, "sock", type("Counting", (), {
-        "recv": lambda self, n: calls.append(n) or recv(n),
+        "recv": lambda self, n, flags=0: calls.append(n) or recv(n, flags),
         "gettimeout": lambda self: 0.0, "settimeout": lambda self, t: None})())
     assert [transport.read_frame() for _ in range(100)] == [(3, 1, b"x" * 100)] * 100
     assert calls == [rabbitmq.READ_AHEAD]
+
+
+def test_reading_now_never_waits_nor_switches_a_blocking_socket(pair):
+    transport, peer = pair
+    transport.sock.settimeout(None)  # blocking, as py-amqp leaves it between reads
+    whole = frame(3, 1, b"y" * 300)
+    peer.sendall(whole[:100])
+    with pytest.raises(socket.timeout):
+        transport.read_frame_now()
+    assert transport.sock.gettimeout() is None
+    peer.sendall(whole[100:] + whole)
+    assert transport.read_frame_now() == transport.read_frame_now() == (3, 1, b"y" * 300)
+    with pytest.raises(socket.timeout):
+        transport.read_frame_now()
+
+
+def test_the_loop_reader_asks_for_another_turn_only_while_frames_are_buffered(pair):
+    transport, peer = pair
+    count = 3 * rabbitmq.MESSAGES_PER_TURN + 5
+    peer.sendall(b"".join(frame(3, 1, b"z" * 40) for _ in range(count)))  # all in one read
+
+    class Loop:
+        turns = []
+
+        def call_soon(self, callback, *args):
+            self.turns.append((callback, args))
+
+    class AmqpConnection:
+        connected = True
+        frames = []
+
+        def __init__(self):
+            self.transport = transport
+
+        def drain_events(self, timeout):
+            assert timeout == 0
+            self.frames.append(transport.read_frame_now())
+
+    connection, loop = AmqpConnection(), Loop()
+    read = rabbitmq.Transport.__new__(rabbitmq.Transport)._make_reader(connection)
+    read(loop)  # woken by the socket: one turn's worth, and another turn asked for
+    assert len(connection.frames) == rabbitmq.MESSAGES_PER_TURN and len(loop.turns) == 1
+    while loop.turns:
+        callback, args = loop.turns.pop()
+        callback(*args)
+    assert len(connection.frames) == count  # the last turn emptied the buffer and asked for none
+    read(loop)  # woken with nothing there: nothing read, no turn asked for
+    assert len(connection.frames) == count and not loop.turns
 
 
 def test_a_bad_frame_end_or_a_closed_peer_ends_the_connection(pair):
@@ -101,5 +150,32 @@ def test_every_message_through_a_real_rabbitmq(rabbit):
                 (message.headers["n"], body)), message.ack())], accept=["application/data"]):
             while len(received) < len(sizes):
                 conn.drain_events(timeout=10)
+    assert [n for n, _ in received] == list(range(len(sizes)))
+    assert [body for _, body in received] == [bytes([n % 251]) * size for n, size in enumerate(sizes)]
+
+
+def test_every_message_through_the_event_loop(rabbit):
+    """As the worker reads: kombu's event loop, the reader called when the socket is
+    readable, and again only while whole frames are left in the buffer."""
+    queue = Queue("read-ahead-loop", Exchange("read-ahead-loop"), "read-ahead-loop")
+    sizes = [300_000, rabbitmq.READ_AHEAD + 1] + [200] * 3000
+    received = []
+    with Connection(rabbit.url, transport=rabbitmq.Transport) as publisher:
+        producer = publisher.Producer()
+        for number, size in enumerate(sizes):
+            producer.publish(bytes([number % 251]) * size, exchange=queue.exchange, routing_key=queue.name,
+                             declare=[queue], headers={"n": number}, content_type="application/data",
+                             content_encoding="binary")
+    hub = Hub()
+    with Connection(rabbit.url, transport=rabbitmq.Transport) as conn:
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        with conn.Consumer([queue], callbacks=[lambda body, message: (received.append(
+                (message.headers["n"], body)), message.ack())], accept=["application/data"]):
+            loop = hub.create_loop()
+            for _ in range(100_000):
+                if len(received) == len(sizes):
+                    break
+                next(loop)
+        hub.close()
     assert [n for n, _ in received] == list(range(len(sizes)))
     assert [body for _, body in received] == [bytes([n % 251]) * size for n, size in enumerate(sizes)]
