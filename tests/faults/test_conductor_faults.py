@@ -131,6 +131,24 @@ def child_waiting_on_a_lock(children: list[int]) -> int | None:
     return ports and socket_owner(ports[0], children)
 
 
+def start_with_a_child_on_the_lock(system, conductor, message: str) -> tuple[list[int], int]:
+    """Start the conductor (two pool children) while a row is locked; its children, and the
+    one that waits on the lock."""
+    system.start(conductor)
+    children = pool_children(conductor.process.pid)
+    assert len(children) == 2, children
+    return children, wait_until(lambda: child_waiting_on_a_lock(children), timeout=60, interval=0.02,
+                                message=message)
+
+
+def assert_child_replaced(conductor, children: list[int], doomed: int) -> list[int]:
+    """The conductor alive, and the killed child replaced by a new one; the children now."""
+    assert conductor.process.poll() is None, conductor.log()
+    replaced = pool_children(conductor.process.pid)
+    assert len(replaced) == 2 and doomed not in replaced, (children, replaced)
+    return replaced
+
+
 def test_a_pool_child_sigkilled_mid_backlog_loses_nothing(vhost, database_url, make_system):
     """Pool children serve the control queue (calls and casts). A backlog of
     instance_update casts, one per instance. The first instance's row is locked here, so
@@ -143,11 +161,7 @@ def test_a_pool_child_sigkilled_mid_backlog_loses_nothing(vhost, database_url, m
         system.api.instance_update(instance_id, host=f"10.1.{n // 250}.{n % 250}")
     conductor = system.conductor("conductor", concurrency=2)
     with locked_row(ids[0]) as transaction:
-        system.start(conductor)
-        children = pool_children(conductor.process.pid)
-        assert len(children) == 2, children
-        doomed = wait_until(lambda: child_waiting_on_a_lock(children), timeout=60, interval=0.02,
-                            message="a child waiting on the locked row")
+        children, doomed = start_with_a_child_on_the_lock(system, conductor, "a child waiting on the locked row")
         wait_until(lambda: hosts_set() >= 100, timeout=60, interval=0.02,
                    message="the other child well into the backlog")
         os.kill(doomed, signal.SIGKILL)
@@ -157,9 +171,7 @@ def test_a_pool_child_sigkilled_mid_backlog_loses_nothing(vhost, database_url, m
     wait_until(lambda: hosts_set() == len(ids), timeout=180, interval=0.5,
                message="every cast applied")
     drained = time.monotonic() - killed_at
-    assert conductor.process.poll() is None, conductor.log()
-    replaced = pool_children(conductor.process.pid)
-    assert len(replaced) == 2 and doomed not in replaced, (children, replaced)
+    replaced = assert_child_replaced(conductor, children, doomed)
     rows = instances_by_id(ids)
     assert all(rows[i].host == f"10.1.{n // 250}.{n % 250}" for n, i in enumerate(ids))
     assert "WorkerLostError" in conductor.log(), "the killed child held no task"
@@ -189,11 +201,8 @@ def test_a_pool_child_sigkilled_mid_batch_of_heartbeats_loses_nothing(vhost, dat
         publisher.close()
     conductor = system.conductor("conductor", concurrency=2)
     with locked_row(ids[0]) as transaction:
-        system.start(conductor)
-        children = pool_children(conductor.process.pid)
-        assert len(children) == 2, children
-        doomed = wait_until(lambda: child_waiting_on_a_lock(children), timeout=60, interval=0.02,
-                            message="a child writing a batch, waiting on the locked row")
+        children, doomed = start_with_a_child_on_the_lock(
+            system, conductor, "a child writing a batch, waiting on the locked row")
         os.kill(doomed, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_until(lambda: "the pool process failed" in conductor.log(), timeout=60,
@@ -204,9 +213,7 @@ def test_a_pool_child_sigkilled_mid_batch_of_heartbeats_loses_nothing(vhost, dat
     wait_until(lambda: heartbeats_applied() == len(ids), timeout=120, interval=0.5,
                message="every heartbeat applied")
     drained = time.monotonic() - killed_at
-    assert conductor.process.poll() is None, conductor.log()
-    replaced = pool_children(conductor.process.pid)
-    assert len(replaced) == 2 and doomed not in replaced, (children, replaced)
+    assert_child_replaced(conductor, children, doomed)
     print(f"\npool child SIGKILL mid-batch of heartbeats: backlog {len(ids)}, child {doomed} killed "
           f"inside a batch's transaction, applied before the lock went {at_kill}, applied "
           f"{heartbeats_applied()}, lost {len(ids) - heartbeats_applied()}, drained {drained:.1f}s after the kill")
