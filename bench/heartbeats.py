@@ -1205,8 +1205,8 @@ def print_summary(results: dict, opts) -> None:
                   f"{p['conductor_us_per_msg']:.0f} us, RabbitMQ {p['rabbitmq_us_per_msg']:.0f} us (accept + deliver), "
                   f"PostgreSQL {p['postgres_us_per_msg']:.0f} us, publisher {p['bench_us_per_msg']:.0f} us per message "
                   f"-> {steady_cores:.1f} cores at {rate:,.0f}/s (conductor+RabbitMQ+PostgreSQL)")
-        print("    not measured here: RabbitMQ's cost of one connection per guest (each guest has its own broker "
-              "user), i.e. 100,000 connections and their heartbeats")
+        print("    RabbitMQ's cost of the guests themselves (two connections, a user and a queue each): "
+              "bench/guests.py")
     scale = results.get("scale") or {}
     if scale or drain:
         print("(3) SCALE-OUT: the same drain, N conductor processes on the queue")
