@@ -40,8 +40,14 @@ if str(ROOT) not in sys.path:
 import requests  # noqa: E402
 from kombu import Connection, Consumer  # noqa: E402
 
-from bench.hb.cpu import machine_cpu, process_cpu  # noqa: E402
+from bench.hb.cpu import CPUS, machine_cpu, process_cpu  # noqa: E402
+from dbaas import settings  # noqa: E402
+from dbaas.queues import queue  # noqa: E402
 from tests.support.private_rabbit import RabbitNode  # noqa: E402
+from workers.guestagent.api import command_queue  # noqa: E402
+from workers.guestagent.client import ConductorClient, broker_heartbeat  # noqa: E402
+from workers.taskmanager import guests  # noqa: E402
+from workers.taskmanager.broker_users import BrokerUsers  # noqa: E402
 
 SERVICE_EVERY = 1.0  # s between two answers to AMQP heartbeats, as the agent's loop
 
@@ -50,8 +56,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-class BenchNode(RabbitNode):
-    """A private node, with emulator flags of the bench's choosing (``--erl-args``)."""
+class Node(RabbitNode):
+    """A private node with the management plugin and the bench's emulator flags
+    (``--erl-args``), measured through its management API, rabbitmqctl and /proc."""
 
     def __init__(self, erl_args: str):
         super().__init__(management=True)
@@ -62,24 +69,16 @@ class BenchNode(RabbitNode):
         env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] += f" {self.erl_args}"
         return env
 
-
-class Node:
-    """The private node, as its management API and /proc see it."""
-
-    def __init__(self, rabbit: RabbitNode):
-        self.rabbit = rabbit
-        self.api = f"http://127.0.0.1:{rabbit.management_port}/api"
-
     def get(self, path: str) -> dict:
-        response = requests.get(f"{self.api}/{path}", auth=("guest", "guest"), timeout=30)
+        response = requests.get(f"{self.management_url}api/{path}", auth=("guest", "guest"), timeout=30)
         response.raise_for_status()
         return response.json()
 
     def cpu(self) -> float:
-        return process_cpu(self.rabbit.beam_pid())
+        return process_cpu(self.beam_pid())
 
     def limits(self) -> dict:
-        status = json.loads(self.rabbit.ctl("status", "--formatter", "json"))
+        status = json.loads(self.ctl("status", "--formatter", "json"))
         return {"processes": status["processes"]["limit"],
                 "sockets": status["file_descriptors"]["sockets_limit"],
                 "fds": status["file_descriptors"]["total_limit"]}
@@ -87,27 +86,34 @@ class Node:
     def sample(self) -> dict:
         """Now (the management API's node statistics lag by seconds): RSS and Erlang's
         memory by RabbitMQ's breakdown (bytes), Erlang processes, open sockets."""
-        memory = self.get(f"nodes/{self.rabbit.node}/memory")["memory"]
-        processes = int(self.rabbit.ctl("eval", "erlang:system_info(process_count).").strip())
-        fd_dir = Path(f"/proc/{self.rabbit.beam_pid()}/fd")
+        memory = self.get(f"nodes/{self.node}/memory")["memory"]
+        processes = int(self.ctl("eval", "erlang:system_info(process_count).").strip())
+        fd_dir = Path(f"/proc/{self.beam_pid()}/fd")
         sockets = sum(1 for fd in fd_dir.iterdir() if os.readlink(fd).startswith("socket:"))
         return {"rss": memory["total"]["rss"], "erlang": memory["total"]["erlang"],
                 "parts": {k: v for k, v in memory.items() if isinstance(v, int)},
                 "processes": processes, "sockets": sockets}
 
 
+def drain(connection) -> None:
+    """Read everything the broker has sent on ``connection``, without waiting."""
+    while True:
+        try:
+            connection.drain_events(timeout=0)
+        except socket.timeout:
+            return
+
+
 class Guest:
     """One instance's guest, as the broker sees it."""
 
     def __init__(self, config):
-        from workers.guestagent.client import ConductorClient, broker_heartbeat
         self.config = config
         self.reporter = ConductorClient(config)
         self.agent = Connection(config.broker_url, heartbeat=broker_heartbeat(config))
         self.consumer = None
 
     def connect(self) -> None:
-        from workers.guestagent.commands import command_queue
         self.agent.ensure_connection(max_retries=3)
         self.consumer = Consumer(self.agent.default_channel, prefetch_count=1,
                                  queues=[command_queue(self.config.instance_id, declare=False)],
@@ -121,10 +127,7 @@ class Guest:
     def service(self) -> None:
         """Read what the broker sent (its heartbeats) and send ours when due."""
         for connection in (self.agent, self.reporter.connection):
-            try:
-                connection.drain_events(timeout=0)
-            except socket.timeout:
-                pass
+            drain(connection)
             connection.heartbeat_check()
 
     def close(self) -> None:
@@ -137,8 +140,6 @@ class Guest:
 
 class Fleet:
     def __init__(self, node: Node, opts):
-        from dbaas import settings
-        from dbaas.queues import queue
         self.node, self.opts = node, opts
         self.guests: list[Guest] = []
         self.received = 0
@@ -156,17 +157,8 @@ class Fleet:
     def _count(self, _message) -> None:
         self.received += 1
 
-    def drain_sink(self) -> None:
-        while True:
-            try:
-                self.sink.drain_events(timeout=0)
-            except socket.timeout:
-                return
-
     def provision(self, count: int) -> list:
         """``count`` guests made as the taskmanager makes them; their configurations."""
-        from workers.taskmanager import guests
-        from workers.taskmanager.broker_users import BrokerUsers
         users = BrokerUsers()
 
         def make(_):
@@ -187,7 +179,7 @@ class Fleet:
     def service(self) -> None:
         for guest in self.guests:
             guest.service()
-        self.drain_sink()
+        drain(self.sink)
 
     def run(self, seconds: float, interval: float | None) -> int:
         """Keep the fleet's connections alive for ``seconds``; with ``interval``, each guest
@@ -204,7 +196,7 @@ class Fleet:
             if now >= next_service:
                 self.service()
                 next_service += SERVICE_EVERY
-            self.drain_sink()
+            drain(self.sink)
             time.sleep(0.002)
         return sent
 
@@ -223,23 +215,29 @@ def measure(fleet: Fleet, seconds: float, interval: float | None) -> dict:
     cpu1, (busy1, total1) = node.cpu(), machine_cpu()
     deadline = time.monotonic() + 10
     while fleet.received - received0 < sent and time.monotonic() < deadline:
-        fleet.drain_sink()
+        drain(fleet.sink)
         time.sleep(0.01)
     return {"seconds": wall, "rabbitmq_cores": (cpu1 - cpu0) / wall,
-            "machine_cores": (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1),
+            "machine_cores": (busy1 - busy0) / (total1 - total0) * CPUS,
             "sent": sent, "received": fleet.received - received0}
 
 
-def per_guest(before: dict, after: dict, guests: int) -> dict:
-    return {"rss": (after["rss"] - before["rss"]) / guests,
-            "erlang": (after["erlang"] - before["erlang"]) / guests,
-            "parts": {k: (v - before["parts"].get(k, 0)) / guests for k, v in after["parts"].items()},
-            "processes": (after["processes"] - before["processes"]) / guests,
-            "sockets": (after["sockets"] - before["sockets"]) / guests}
+def per_guest(before: dict, after: dict, count: int) -> dict:
+    return {"rss": (after["rss"] - before["rss"]) / count,
+            "erlang": (after["erlang"] - before["erlang"]) / count,
+            "parts": {k: (v - before["parts"].get(k, 0)) / count for k, v in after["parts"].items()},
+            "processes": (after["processes"] - before["processes"]) / count,
+            "sockets": (after["sockets"] - before["sockets"]) / count}
 
 
-def per_second(window: dict, idle: dict, guests: int) -> str:
-    return f"{1e6 * (window['rabbitmq_cores'] - idle['rabbitmq_cores']) / guests:.1f} µs/s"
+def per_heartbeat(r: dict) -> float:
+    """Node CPU seconds per heartbeat: the reporting window above the silent one."""
+    rate = r["reporting"]["sent"] / r["reporting"]["seconds"]
+    return (r["reporting"]["rabbitmq_cores"] - r["silent"]["rabbitmq_cores"]) / max(rate, 1)
+
+
+def per_second(window: dict, idle: dict, count: int) -> str:
+    return f"{1e6 * (window['rabbitmq_cores'] - idle['rabbitmq_cores']) / count:.1f} µs/s"
 
 
 def kb(value: float) -> str:
@@ -257,24 +255,23 @@ def memory_text(cost: dict) -> str:
 
 def run(opts) -> dict:
     sizes = sorted({int(s) for s in opts.guests.split(",")})
-    rabbit = BenchNode(opts.erl_args)
-    with open(rabbit.dir / "rabbitmq.conf", "a") as conf:
+    node = Node(opts.erl_args)
+    with open(node.dir / "rabbitmq.conf", "a") as conf:
         conf.writelines(f"{line}\n" for line in opts.node_config)
     results: dict = {"sizes": {}, "queue_type": opts.queue_type, "interval": opts.interval,
                      "node_config": opts.node_config, "erl_args": opts.erl_args}
     fleet = None
     try:
-        rabbit.start()
-        node = Node(rabbit)
+        node.start()
         os.environ.update({
-            "DBAAS_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{rabbit.port}//",
-            "DBAAS_BROKER_ADMIN_URL": f"http://guest:guest@127.0.0.1:{rabbit.management_port}/",
+            "DBAAS_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{node.port}//",
+            "DBAAS_BROKER_ADMIN_URL": f"http://guest:guest@127.0.0.1:{node.management_port}/",
             "DBAAS_SERVICE_KEY": secrets.token_hex(32),
-            "DBAAS_VAR_DIR": str(rabbit.dir / "dbaas"),
+            "DBAAS_VAR_DIR": str(node.dir / "dbaas"),
             "DBAAS_QUEUE_TYPE": opts.queue_type,
             "DBAAS_GUEST_HEARTBEAT_INTERVAL": str(opts.interval),
         })
-        log(f"private RabbitMQ node {rabbit.node} (management on) started in {rabbit.start_seconds:.1f}s")
+        log(f"private RabbitMQ node {node.node} (management on) started in {node.start_seconds:.1f}s")
         fleet = Fleet(node, opts)
         limits = results["limits"] = node.limits()
         if 2 * sizes[-1] > 0.95 * limits["sockets"]:
@@ -316,7 +313,7 @@ def run(opts) -> dict:
     finally:
         if fleet is not None:
             fleet.close()
-        rabbit.cleanup()
+        node.cleanup()
     return results
 
 
@@ -326,7 +323,7 @@ def report(results: dict, opts) -> bool:
     print("=" * 100)
     print(f"RabbitMQ's cost of a fleet's guests ({results['queue_type']} command queues, heartbeat "
           f"every {results['interval']:g} s; private node, management plugin on; "
-          f"{os.cpu_count()} CPUs here)" + "".join(f"; {line}" for line in results["node_config"])
+          f"{CPUS} CPUs here)" + "".join(f"; {line}" for line in results["node_config"])
           + (f"; emulator flags {results['erl_args']}" if results["erl_args"] else ""))
     print(f"empty node: RSS {empty['rss'] / 2**20:.0f} MB, {empty['processes']} Erlang processes, "
           f"{idle['rabbitmq_cores']:.3f} cores idle")
@@ -356,7 +353,7 @@ def report(results: dict, opts) -> bool:
               f"{per_second(silent, r['unconnected'], added)}; the whole fleet "
               f"{per_second(silent, idle, size)} above the empty node (node {silent['rabbitmq_cores']:.3f} cores)")
         print(f"    reporting ({rate:,.0f} heartbeats/s): RabbitMQ {reporting['rabbitmq_cores']:.3f} cores, "
-              f"{1e6 * (reporting['rabbitmq_cores'] - silent['rabbitmq_cores']) / max(rate, 1):.0f} µs per "
+              f"{1e6 * per_heartbeat(r):.0f} µs per "
               f"heartbeat above silence (its own connection, persistent, confirmed; delivered without "
               f"ack; machine {reporting['machine_cores']:.2f} cores busy); sent {reporting['sent']}, "
               f"received {reporting['received']}: "
@@ -375,8 +372,7 @@ def report(results: dict, opts) -> bool:
     rss = empty["rss"] + whole["rss"] * n
     processes = empty["processes"] + whole["processes"] * n
     silent_cores = idle["rabbitmq_cores"] + (r["silent"]["rabbitmq_cores"] - idle["rabbitmq_cores"]) / largest * n
-    per_beat = (r["reporting"]["rabbitmq_cores"] - r["silent"]["rabbitmq_cores"]) / max(
-        1, r["reporting"]["sent"] / r["reporting"]["seconds"])
+    per_beat = per_heartbeat(r)
     connect_cpu = r["connect_cpu_s"] / r["added"]
     print(f"FOR {n:,} INSTANCES (linear from {largest:,} guests; {2 * n:,} connections, {n:,} users "
           f"and queues):")
@@ -421,7 +417,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     opts = parse_args(argv)
     # Two sockets per guest here, and the node inherits this process's limit.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results = run(opts)
     ok = report(results, opts)
